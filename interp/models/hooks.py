@@ -1,0 +1,205 @@
+"""How a site is read and written: plain PyTorch forward / forward-pre hooks on the model's modules.
+
+Every consumer (caches, interventions, patching, relevance rules) attaches a function
+``fn(activation) -> replacement | None`` to a site through ``SiteHook.attach``; returning None
+(or the same tensor) leaves the forward pass untouched, bit for bit.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early (everything needed has been seen)."""
+
+
+class SiteHook:
+    """Attach point for one site."""
+
+    #: True where a replacement is written into the tensor in place, so readers must copy.
+    mutable: bool = False
+
+    def attach(self, fn: HookFn) -> RemovableHandle:
+        raise NotImplementedError
+
+
+class OutputHook(SiteHook):
+    """A module's output (the first element when the module returns a tuple)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def attach(self, fn: HookFn) -> RemovableHandle:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+            value = output[0] if isinstance(output, tuple) else output
+            new = fn(value)
+            if new is None or new is value:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return self.module.register_forward_hook(hook)
+
+
+class InputHook(SiteHook):
+    """A module's first input; with ``n_heads`` the last dim is viewed as (heads, d_head)."""
+
+    def __init__(self, module: nn.Module, n_heads: int | None = None):
+        self.module = module
+        self.n_heads = n_heads
+
+    def attach(self, fn: HookFn) -> RemovableHandle:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            flat = args[0] if args else kwargs["hidden_states"]
+            value = flat.unflatten(-1, (self.n_heads, -1)) if self.n_heads else flat
+            new = fn(value)
+            if new is None or new is value:
+                return None
+            if self.n_heads:
+                new = new.flatten(-2)
+            if args:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
+
+        return self.module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+class InPlaceInputHook(InputHook):
+    """A norm's input that is also the residual stream it is added back to (``hook_resid_mid``).
+
+    The block computes ``resid_mid = resid_pre + attn_out`` and hands that same tensor to the
+    second norm and to the residual connection. Writing into it in place therefore changes
+    both, exactly as replacing the residual stream would; reading it needs no extra hook.
+    """
+
+    mutable = True
+
+    def attach(self, fn: HookFn) -> RemovableHandle:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            value = args[0] if args else kwargs["hidden_states"]
+            new = fn(value)
+            if new is not None and new is not value:
+                value.copy_(new)
+
+        return self.module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+class PatternHook(SiteHook):
+    """Attention probabilities [batch, head, query, key].
+
+    Fast attention kernels never materialise the pattern, so while any pattern hook is
+    attached the model's attention runs through ``pattern_attention`` below: it computes the
+    pattern explicitly (as HF's eager path does) and shows it to the hooks. If no hook changed
+    it, the output still comes from the model's own attention implementation, so reading
+    patterns leaves the forward pass bit-identical; if a hook changed it, the output is
+    recomputed from the edited pattern. The original implementation is restored when the
+    last pattern hook is removed.
+    """
+
+    def __init__(self, attn: nn.Module, config: Any):
+        self.attn = attn
+        self.config = config
+
+    def attach(self, fn: HookFn) -> RemovableHandle:
+        return _PatternHandle(self.attn, self.config, fn)  # type: ignore[return-value]
+
+
+_pattern_hooks: weakref.WeakKeyDictionary[nn.Module, dict[int, HookFn]] = weakref.WeakKeyDictionary()
+_pattern_users: dict[int, list] = {}  # id(config) -> [number of attached hooks, saved implementation]
+_PREFIX = "interp_pattern:"
+
+
+class _PatternHandle:
+    """Keeps ``fn`` among the module's pattern hooks until ``remove()``."""
+
+    _next_id = 0
+
+    def __init__(self, attn: nn.Module, config: Any, fn: HookFn):
+        self.hooks = _pattern_hooks.setdefault(attn, {})
+        self.config = config
+        self.id = _PatternHandle._next_id
+        _PatternHandle._next_id += 1
+        self.hooks[self.id] = fn
+        _switch_attention(config, +1)
+
+    def remove(self) -> None:
+        if self.hooks.pop(self.id, None) is not None:
+            _switch_attention(self.config, -1)
+
+
+def _switch_attention(config: Any, delta: int) -> None:
+    entry = _pattern_users.setdefault(id(config), [0, None])
+    entry[0] += delta
+    if delta > 0 and entry[0] == 1:
+        entry[1] = config._attn_implementation or "eager"
+        config._attn_implementation = _register_pattern_attention(entry[1])
+    elif entry[0] == 0:
+        config._attn_implementation = _pattern_users.pop(id(config))[1]
+
+
+def _register_pattern_attention(original: str) -> str:
+    """Register ``interp_pattern:<original>``: our attention function, the original's masks."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = _PREFIX + original
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS.register(name, pattern_attention)
+        mask = ALL_MASK_ATTENTION_FUNCTIONS[original] if original in ALL_MASK_ATTENTION_FUNCTIONS else eager_mask
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask)
+    return name
+
+
+def pattern_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with the pattern passed through the module's pattern hooks (see ``PatternHook``)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if getattr(module.config, "attn_logit_softcapping", None):
+        raise NotImplementedError("attention-pattern sites do not support logit soft-capping")
+    groups = query.shape[1] // key.shape[1]
+    keys = key.repeat_interleave(groups, dim=1) if groups > 1 else key  # grouped-query attention
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, keys.transpose(-1, -2)) * scale
+    if attention_mask is None:  # the mask builder left causality to the kernel
+        q, k = scores.shape[-2:]
+        future = torch.ones(q, k, dtype=torch.bool, device=scores.device).triu(k - q + 1)
+        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask[..., : keys.shape[-2]], torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + attention_mask[..., : keys.shape[-2]]
+    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    edited = pattern
+    for fn in list(_pattern_hooks.get(module, {}).values()):
+        new = fn(edited)
+        if new is not None:
+            edited = new
+    values = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+    if edited is pattern or torch.equal(edited, pattern):
+        # Unchanged: the model's own implementation computes the output, exactly as unhooked.
+        # ("eager" is not in the registry: it is each family's own eager_attention_forward.)
+        family_eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        original = ALL_ATTENTION_FUNCTIONS.get_interface(_pattern_users[id(module.config)][1], family_eager)
+        if original is not None:
+            out = original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)[0]
+            return out, pattern
+    edited = nn.functional.dropout(edited, p=dropout, training=module.training)
+    return torch.matmul(edited, values).transpose(1, 2).contiguous(), edited

@@ -1,0 +1,346 @@
+"""``Model``: one wrapper over a HF or TransformerLens model, with named sites.
+
+The wrapper owns no weights of its own: ``model.module`` is the model exactly as loaded, and
+sites are hooks on its modules. Everything that runs the model (caching, interventions,
+patching, generation) goes through ``tokenize`` and ``forward`` here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from interp.errors import InputError
+from interp.models.arch import Arch
+from interp.models.sites import SiteInfo, SiteTable
+
+if TYPE_CHECKING:
+    from interp.cache import ActivationCache
+    from interp.intervene import Intervention
+
+SiteSpec = str | Iterable[str] | Callable[[str], bool] | None
+TokenInput = Any  # str | list[str] | Tensor | list[list[int]] | Mapping | Tokens
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    family: str
+    backend: Literal["hf", "transformer_lens"]
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_vocab: int
+
+
+@dataclass
+class Tokens:
+    """Token ids [batch, pos] and the attention mask (1 = real token; None when nothing is padded)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.ids.shape
+
+    def real(self) -> torch.Tensor:
+        """Boolean [batch, pos]: which entries are real tokens."""
+        return torch.ones_like(self.ids, dtype=torch.bool) if self.mask is None else self.mask.bool()
+
+
+class Model:
+    """A language model with TransformerLens-style named sites. Build it with ``load_model``."""
+
+    def __init__(self, module: nn.Module, tokenizer: Any, config: ModelConfig, sites: SiteTable):
+        self.module = module
+        self.tokenizer = tokenizer
+        self.cfg = config
+        self.site_table = sites
+        self._nnsight = None
+
+    # ------------------------------------------------------------------ sites
+    def sites(self) -> list[SiteInfo]:
+        """Every site with its shape, in the order the forward pass computes them."""
+        return self.site_table.infos()
+
+    def site_names(self, spec: SiteSpec = None) -> list[str]:
+        """Resolve a name, glob, list, predicate or None (all) into site names, validated."""
+        return self.site_table.resolve(spec)
+
+    def site(self, kind: str, layer: int | None = None) -> str:
+        """The full name of a site: ``model.site("resid_post", 12)`` -> ``blocks.12.hook_resid_post``."""
+        return self.site_table.name_of(kind, layer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
+
+    # ------------------------------------------------------------ tokenizing
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def tokenize(
+        self,
+        inputs: TokenInput,
+        *,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["right", "left"] = "right",
+    ) -> Tokens:
+        """Turn text, token ids or a tokenizer output into ``Tokens`` on the model's device.
+
+        ``prepend_bos=None`` keeps the tokenizer's own behaviour (SmolLM2 adds no BOS; the
+        sanity value "The capital of France is" -> " Paris", p ~ 0.77, is without one).
+        Batches of unequal length are padded on ``padding_side``.
+        """
+        if isinstance(inputs, Tokens):
+            return Tokens(inputs.ids.to(self.device), None if inputs.mask is None else inputs.mask.to(self.device))
+        if isinstance(inputs, Mapping):
+            ids = torch.as_tensor(inputs["input_ids"])
+            mask = inputs.get("attention_mask")
+            mask = None if mask is None or bool(torch.as_tensor(mask).all()) else torch.as_tensor(mask)
+            return Tokens(ids.to(self.device), None if mask is None else mask.to(self.device))
+        if isinstance(inputs, torch.Tensor):
+            ids = inputs if inputs.ndim == 2 else inputs.unsqueeze(0)
+            return Tokens(ids.long().to(self.device))
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        rows = [self._encode(x, prepend_bos) if isinstance(x, str) else list(x) for x in inputs]
+        if not rows or any(len(r) == 0 for r in rows):
+            raise InputError("cannot run the model on an empty input (a text tokenized to no tokens)")
+        return self._pad(rows, padding_side)
+
+    def _encode(self, text: str, prepend_bos: bool | None) -> list[int]:
+        if self.tokenizer is None:
+            raise InputError(f"{self.cfg.name} has no tokenizer; pass token ids instead of text")
+        ids = list(self.tokenizer(text)["input_ids"])
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if prepend_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        elif prepend_bos is False and ids and bos is not None and ids[0] == bos:
+            ids = ids[1:]
+        return ids
+
+    def _pad(self, rows: list[list[int]], side: str) -> Tokens:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+            ids[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+        padded = bool((mask == 0).any())
+        return Tokens(ids.to(self.device), mask.to(self.device) if padded else None)
+
+    def to_str_tokens(self, inputs: TokenInput, **kwargs: Any) -> list[str] | list[list[str]]:
+        """Each token as text; one list per row for a batch."""
+        ids = self.tokenize(inputs, **kwargs).ids
+        rows = [[self.tokenizer.decode([int(t)]) for t in row] for row in ids]
+        return rows[0] if len(rows) == 1 and (isinstance(inputs, str) or getattr(inputs, "ndim", 2) == 1) else rows
+
+    def to_string(self, ids: torch.Tensor | Sequence[int]) -> str:
+        return self.tokenizer.decode([int(t) for t in torch.as_tensor(ids).flatten()])
+
+    # --------------------------------------------------------------- running
+    def forward(self, inputs: TokenInput, **kwargs: Any) -> torch.Tensor:
+        """Logits [batch, pos, vocab]. Interventions active in ``intervene`` apply."""
+        tokens = self.tokenize(inputs, **kwargs)
+        return self._logits(tokens)
+
+    __call__ = forward
+
+    def _logits(self, tokens: Tokens) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, inputs: TokenInput, *, per_token: bool = False, **kwargs: Any) -> torch.Tensor:
+        """Next-token cross-entropy in nats: the mean over real tokens, or [batch, pos-1]."""
+        tokens = self.tokenize(inputs, **kwargs)
+        return token_cross_entropy(self._logits(tokens), tokens, per_token=per_token)
+
+    def run_with_cache(self, inputs: TokenInput, sites: SiteSpec = None, **kwargs: Any) -> ActivationCache:
+        """Run once and keep the activations at ``sites``; see ``interp.cache.run_with_cache``."""
+        from interp.cache import run_with_cache
+
+        return run_with_cache(self, inputs, sites, **kwargs)
+
+    def intervene(self, *interventions: Intervention) -> contextlib.AbstractContextManager[None]:
+        """Context manager: the interventions act on every forward pass (and generation) inside it."""
+        from interp.intervene import intervening
+
+        return intervening(self, interventions)
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        max_new_tokens: int = 32,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        interventions: Sequence[Intervention] = (),
+        prepend_bos: bool | None = None,
+    ) -> list[str]:
+        """Continue each prompt (greedy when ``temperature == 0``); returns only the new text."""
+        tokens = self.tokenize(prompts, prepend_bos=prepend_bos, padding_side="left")
+        with self.intervene(*interventions), torch.no_grad(), _seeded(seed):
+            out = self._generate_ids(tokens, max_new_tokens, temperature, top_p)
+        new = out[:, tokens.ids.shape[1] :]
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def _generate_ids(self, tokens: Tokens, max_new_tokens: int, temperature: float, top_p: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def cache_offset(self, args: tuple, kwargs: dict) -> int:
+        """How many tokens of this sequence earlier forward passes already processed (KV cache)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------- unembedding
+    @property
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def lm_head(self) -> nn.Module:
+        raise NotImplementedError
+
+    def unembed(self, resid: torch.Tensor, *, apply_norm: bool = True) -> torch.Tensor:
+        """Logits from a residual-stream vector (through the final norm unless ``apply_norm=False``)."""
+        return self.lm_head(self.final_norm(resid) if apply_norm else resid)
+
+    # --------------------------------------------------------------- nnsight
+    @property
+    def nnsight(self) -> Any:
+        """An nnsight model over the same module tree (same weights, no copy)."""
+        if self._nnsight is None:
+            self._nnsight = self._make_nnsight()
+        return self._nnsight
+
+    def _make_nnsight(self) -> Any:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (
+            f"Model({c.name!r}, family={c.family}, layers={c.n_layers}, d_model={c.d_model}, "
+            f"d_mlp={c.d_mlp}, heads={c.n_heads}, sites={len(self.site_table)}, device={self.device})"
+        )
+
+
+class HFModel(Model):
+    """A ``transformers`` causal LM."""
+
+    def __init__(self, module: nn.Module, tokenizer: Any, config: ModelConfig, sites: SiteTable, arch: Arch):
+        super().__init__(module, tokenizer, config, sites)
+        self.arch = arch
+
+    def _logits(self, tokens: Tokens) -> torch.Tensor:
+        return self.module(input_ids=tokens.ids, attention_mask=tokens.mask, use_cache=False).logits
+
+    def _generate_ids(self, tokens: Tokens, max_new_tokens: int, temperature: float, top_p: float) -> torch.Tensor:
+        from transformers import GenerationConfig
+
+        sample = temperature > 0
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=top_p if sample else None,
+            top_k=None,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=getattr(self.tokenizer, "eos_token_id", None),
+        )
+        mask = tokens.mask if tokens.mask is not None else torch.ones_like(tokens.ids)
+        return self.module.generate(input_ids=tokens.ids, attention_mask=mask, generation_config=config)
+
+    def cache_offset(self, args: tuple, kwargs: dict) -> int:
+        past = kwargs.get("past_key_values")
+        return int(past.get_seq_length()) if past is not None else 0
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.module.get_submodule(self.arch.final_norm)
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.module.get_output_embeddings()
+
+    def _make_nnsight(self) -> Any:
+        import nnsight
+
+        # nnsight re-configures the tokenizer it is given (padding side), so it gets a copy.
+        return nnsight.TransformersModel(self.module, tokenizer=copy.deepcopy(self.tokenizer), task="text-generation")
+
+
+class TLModel(Model):
+    """A TransformerLens ``HookedTransformer``, used through its own hook points."""
+
+    def _logits(self, tokens: Tokens) -> torch.Tensor:
+        return self.module(tokens.ids, attention_mask=tokens.mask)
+
+    def _generate_ids(self, tokens: Tokens, max_new_tokens: int, temperature: float, top_p: float) -> torch.Tensor:
+        if tokens.mask is not None:
+            raise InputError("TransformerLens generation here takes prompts of equal token length")
+        return self.module.generate(
+            tokens.ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else 1.0,
+            top_p=top_p,
+            verbose=False,
+            stop_at_eos=False,
+        )
+
+    def cache_offset(self, args: tuple, kwargs: dict) -> int:
+        past = kwargs.get("past_kv_cache")
+        if past is None or not past.entries or past.entries[0].past_keys is None:
+            return 0
+        return int(past.entries[0].past_keys.shape[1])
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.module.ln_final if getattr(self.module, "ln_final", None) is not None else nn.Identity()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.module.unembed
+
+    def _make_nnsight(self) -> Any:
+        import nnsight
+
+        return nnsight.NNsight(self.module)
+
+
+def token_cross_entropy(logits: torch.Tensor, tokens: Tokens, *, per_token: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy (nats) of ``logits`` against ``tokens``; pads are ignored."""
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logprobs.gather(-1, tokens.ids[:, 1:, None]).squeeze(-1)
+    real = tokens.real()[:, 1:]
+    if per_token:
+        return nll.masked_fill(~real, float("nan"))
+    return nll[real].mean()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

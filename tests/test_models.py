@@ -1,0 +1,204 @@
+"""Loading, site naming and hooks: parity with plain HF / TransformerLens forwards."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import interp
+from interp.errors import UnknownSiteError
+from interp.models import TINY_FAMILIES, tiny_model
+from interp.models.hooks import PatternHook
+
+PROMPTS = ["The quick brown fox jumps", "hi there"]
+
+
+def plain_logits(model, tokens):
+    """The forward pass with nothing of ours attached."""
+    if model.cfg.backend == "transformer_lens":
+        return model.module(tokens.ids, attention_mask=tokens.mask)
+    return model.module(input_ids=tokens.ids, attention_mask=tokens.mask).logits
+
+
+def attach_identity_everywhere(model, copy: bool):
+    fn = (lambda x: x.clone()) if copy else (lambda x: x)
+    return [model.site_table.hook(name).attach(fn) for name in model.site_names()]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("copy", [False, True])
+def test_identity_hooks_are_bit_exact_on_tiny_models(family, copy):
+    model = tiny_model(family)
+    tokens = model.tokenize(PROMPTS)  # unequal lengths: exercises the padding mask too
+    reference = plain_logits(model, tokens)
+    handles = attach_identity_everywhere(model, copy)
+    try:
+        hooked = model(tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(hooked, reference)
+    assert torch.equal(plain_logits(model, tokens), reference)  # hooks removed cleanly
+    if model.cfg.backend == "hf":
+        assert not model.module.config._attn_implementation.startswith("interp")
+
+
+@pytest.mark.embedded
+def test_identity_hooks_are_bit_exact_on_embedded_model(embedded):
+    tokens = embedded.tokenize(PROMPTS)
+    reference = plain_logits(embedded, tokens)
+    assert torch.equal(embedded(tokens), reference)
+    handles = attach_identity_everywhere(embedded, copy=True)
+    try:
+        hooked = embedded(tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(hooked, reference)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "olmo"])
+def test_pattern_site_equals_hf_eager_attentions(family):
+    model = tiny_model(family)
+    tokens = model.tokenize(PROMPTS)
+    cache = model.run_with_cache(tokens, "blocks.*.attn.hook_pattern", stop_at_layer=None)
+    model.module.config._attn_implementation = "eager"
+    try:
+        out = model.module(input_ids=tokens.ids, attention_mask=tokens.mask, output_attentions=True)
+    finally:
+        model.module.config._attn_implementation = "sdpa"
+    for layer, expected in enumerate(out.attentions):
+        torch.testing.assert_close(cache["pattern", layer], expected, rtol=0, atol=1e-6)
+    assert torch.equal(cache.logits, plain_logits(model, tokens))
+
+
+def test_editing_the_pattern_changes_the_output():
+    model = tiny_model("llama")
+    tokens = model.tokenize("abcdefgh")
+    clean = model(tokens)
+
+    def uniform(pattern):
+        causal = torch.ones_like(pattern).tril()
+        return causal / causal.sum(-1, keepdim=True)
+
+    with model.intervene(interp.Apply("blocks.1.attn.hook_pattern", uniform)):
+        edited = model(tokens)
+    assert not torch.allclose(edited, clean)
+    # Replacing the pattern by an equal tensor must not change a bit.
+    with model.intervene(interp.Apply("blocks.1.attn.hook_pattern", lambda p: p * 1.0)):
+        assert torch.equal(model(tokens), clean)
+
+
+def test_resid_mid_write_reaches_mlp_and_residual():
+    model = tiny_model("llama")
+    tokens = model.tokenize("abcdef")
+    shift = torch.randn(model.cfg.d_model)
+    with model.intervene(interp.Add("blocks.0.hook_resid_mid", shift)):
+        cache = model.run_with_cache(tokens, ["blocks.0.hook_resid_mid", "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post"])
+    clean = model.run_with_cache(tokens, ["blocks.0.hook_resid_mid", "blocks.0.hook_mlp_out"])
+    torch.testing.assert_close(cache["resid_mid", 0], clean["resid_mid", 0] + shift)
+    assert not torch.allclose(cache["mlp_out", 0], clean["mlp_out", 0])  # the MLP read the edited stream
+    torch.testing.assert_close(cache["resid_post", 0], cache["resid_mid", 0] + cache["mlp_out", 0])
+
+
+def test_transformer_lens_cache_equals_tl_run_with_cache():
+    model = tiny_model("transformer_lens")
+    tokens = torch.randint(3, 300, (2, 7))
+    _, tl_cache = model.module.run_with_cache(tokens)
+    ours = model.run_with_cache(tokens, stop_at_layer=None)
+    names = [n for n in tl_cache.keys() if n in model.site_table]
+    assert len(names) >= 40
+    for name in names:
+        assert torch.equal(ours[name], tl_cache[name]), name
+    assert torch.equal(ours.logits, model.module(tokens))
+
+
+def test_site_shapes_match_cached_tensors():
+    for family in ("llama", "gpt2", "transformer_lens"):
+        model = tiny_model(family)
+        cache = model.run_with_cache("hello", stop_at_layer=None)
+        for info in model.sites():
+            if info.shape == ("...",):
+                continue
+            tensor = cache[info.name]
+            for got, want in zip(tensor.shape, info.shape, strict=True):
+                assert isinstance(want, str) or got == want, (info.name, tensor.shape, info.shape)
+
+
+def test_generic_fallback_finds_the_same_structure_as_the_table():
+    from interp.models.arch import ARCHS, discover_arch
+
+    model = tiny_model("llama")
+    found = discover_arch(model.module)
+    table = ARCHS["llama"]
+    for field in ("layers", "embed", "final_norm", "ln1", "ln2", "attn", "attn_out_proj", "mlp", "mlp_out_proj"):
+        assert getattr(found, field) == getattr(table, field), field
+
+
+def test_unknown_site_lists_closest_names():
+    model = tiny_model("llama")
+    with pytest.raises(UnknownSiteError) as err:
+        model.site_names("blocks.1.hook_resid_pots")
+    assert "blocks.1.hook_resid_post" in str(err.value)
+    with pytest.raises(UnknownSiteError, match="layer 7 is out of range.*layers 0-1"):
+        model.run_with_cache("hi", "blocks.7.hook_resid_post")
+    with pytest.raises(UnknownSiteError, match="valid kinds"):
+        model.site("resid_postt", 1)
+
+
+def test_gpt2_positional_embedding_site():
+    model = tiny_model("gpt2")
+    cache = model.run_with_cache("abc", ["hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre"])
+    torch.testing.assert_close(cache["blocks.0.hook_resid_pre"], cache["hook_embed"] + cache["hook_pos_embed"])
+
+
+def test_nnsight_sees_the_same_activations():
+    model = tiny_model("llama")
+    tokens = model.tokenize("hello world")
+    cache = model.run_with_cache(tokens, ["blocks.0.mlp.hook_post", "blocks.1.hook_resid_post"])
+    lm = model.nnsight
+    with lm.trace(tokens.ids):
+        post = lm.model.layers[0].mlp.down_proj.input.save()
+        resid = lm.model.layers[1].output.save()
+    assert torch.equal(post, cache["blocks.0.mlp.hook_post"])
+    assert torch.equal(resid if isinstance(resid, torch.Tensor) else resid[0], cache["blocks.1.hook_resid_post"])
+    assert model.tokenizer.padding_side == "right"  # nnsight got its own tokenizer copy
+
+
+@pytest.mark.embedded
+def test_embedded_model_knows_paris(embedded):
+    logits = embedded("The capital of France is")
+    probs = logits[0, -1].softmax(-1)
+    top = int(probs.argmax())
+    assert embedded.to_string([top]) == " Paris"
+    assert 0.70 < float(probs[top]) < 0.85
+
+
+@pytest.mark.embedded
+def test_embedded_loss_on_shakespeare_far_below_uniform(embedded, shakespeare):
+    passage = shakespeare.documents[0].text[2000:3500]
+    loss = float(embedded.loss(passage))
+    uniform = math.log(embedded.cfg.d_vocab)
+    assert loss < 0.5 * uniform, (loss, uniform)
+
+
+@pytest.mark.embedded
+def test_embedded_model_dimensions(embedded):
+    c = embedded.cfg
+    assert (c.n_layers, c.d_model, c.d_mlp, c.n_heads, c.n_kv_heads, c.d_head, c.d_vocab) == (30, 576, 1536, 9, 3, 64, 49152)
+    assert c.family == "llama"
+
+
+def test_pattern_hook_restores_attention_implementation_after_errors():
+    model = tiny_model("llama")
+    hook = model.site_table.hook("blocks.0.attn.hook_pattern")
+    assert isinstance(hook, PatternHook)
+
+    def boom(_):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        model.run_with_cache("abc", "blocks.0.hook_resid_post", interventions=[interp.Apply("blocks.0.attn.hook_pattern", boom)])
+    assert model.module.config._attn_implementation == "sdpa"
