@@ -13,45 +13,22 @@ import json
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 
+from interp.config import opt, write_config
 from interp.errors import InterpError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="interp: a mechanistic-interpretability workbench")
+store_app = typer.Typer(no_args_is_help=True, help="Inspect and check activation stores.")
+app.add_typer(store_app, name="store")
 C = TypeVar("C")
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", *, argument: bool = False, parse: Callable[[str], Any] | None = None) -> Any:
-    """A config field with CLI help. ``parse`` turns the CLI text into the value (e.g. "2M")."""
-    meta = {"help": help, "argument": argument, "parse": parse}
-    return field(default=default, metadata=meta)
-
-
-def parse_count(text: str | int) -> int:
-    """'2M' -> 2_000_000, '500k' -> 500_000, '4096' -> 4096."""
-    if isinstance(text, int):
-        return text
-    units = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
-    clean = text.strip().lower().replace("_", "")
-    try:
-        if clean and clean[-1] in units:
-            return int(float(clean[:-1]) * units[clean[-1]])
-        return int(clean)
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a count (examples: 4096, 500k, 2M)") from None
-
-
-def write_config(config: Any, out: Path) -> None:
-    """Write the resolved config of a run as ``out/config.json``."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str))
-
-
-def command(config_cls: type[C], name: str) -> Callable[[Callable[[C], None]], Callable[[C], None]]:
+def command(config_cls: type[C], name: str, group: typer.Typer = app) -> Callable[[Callable[[C], None]], Callable[[C], None]]:
     """Register ``run(config)`` as subcommand ``name`` with one option per config field."""
     hints = typing.get_type_hints(config_cls)
 
@@ -69,11 +46,11 @@ def command(config_cls: type[C], name: str) -> Callable[[Callable[[C], None]], C
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind))
 
         def wrapper(**kwargs: Any) -> None:
-            for f in dataclasses.fields(config_cls):
-                parse = f.metadata.get("parse")
-                if parse and kwargs.get(f.name) is not None:
-                    kwargs[f.name] = parse(kwargs[f.name])
             try:
+                for f in dataclasses.fields(config_cls):
+                    parse = f.metadata.get("parse")
+                    if parse and kwargs.get(f.name) is not None:
+                        kwargs[f.name] = parse(kwargs[f.name])
                 run(config_cls(**kwargs))
             except InterpError as err:
                 typer.secho(f"error: {err}", fg="red", err=True)
@@ -81,7 +58,7 @@ def command(config_cls: type[C], name: str) -> Callable[[Callable[[C], None]], C
 
         wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         wrapper.__doc__ = (run.__doc__ or "").strip()
-        app.command(name)(wrapper)
+        group.command(name)(wrapper)
         return run
 
     return decorate
@@ -173,6 +150,45 @@ def cache_cmd(config: CacheConfig) -> None:
         (config.out / "shapes.json").write_text(json.dumps(shapes, indent=1))
         table.to_csv(config.out / "logit_lens.csv", index=False)
         typer.echo(f"wrote {config.out}/config.json, shapes.json, logit_lens.csv")
+
+
+from interp.store.write import HarvestConfig  # noqa: E402 - jobs below register in order
+
+
+@command(HarvestConfig, "harvest")
+def harvest_cmd(config: HarvestConfig) -> None:
+    """Run the model over a corpus and write the activations of the given sites to a store (resumable)."""
+    from interp.store import harvest
+
+    store = harvest(config)
+    typer.echo(store.info())
+
+
+@dataclass
+class StorePathConfig:
+    store: Path = opt(help="store directory", argument=True)
+
+
+@command(StorePathConfig, "info", store_app)
+def store_info_cmd(config: StorePathConfig) -> None:
+    """Summarise a store: model, corpus, sites, rows, size."""
+    from interp.store import ActivationStore
+
+    typer.echo(ActivationStore(config.store).info())
+
+
+@command(StorePathConfig, "verify", store_app)
+def store_verify_cmd(config: StorePathConfig) -> None:
+    """Recompute the checksum of every shard file and report damaged shards (exit 1 if any)."""
+    from interp.store import ActivationStore
+
+    store = ActivationStore(config.store)
+    problems = store.verify()
+    for line in problems:
+        typer.secho(line, fg="red")
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"{config.store}: {len(store.shards)} shards, {store.n_rows:,} rows, all checksums match")
 
 
 def main() -> None:

@@ -26,3 +26,7 @@ class ModelNotFoundError(InterpError, OSError):
 
 class InputError(InterpError, ValueError):
     """Bad input to a job (empty corpus, mismatched shapes, out-of-range settings...)."""
+
+
+class StoreError(InterpError, OSError):
+    """An activation store that is missing, damaged or incomplete; the message says which shard."""

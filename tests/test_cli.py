@@ -7,7 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from interp.cli import app, parse_count
+from interp.cli import app
+from interp.config import parse_count
 
 runner = CliRunner()
 

@@ -8,6 +8,7 @@ Windows are shuffled with ``seed``. When more tokens are asked for than one pass
 further passes cut the stream at shifted offsets, so no context repeats exactly.
 
 Every token carries its document index and its offset inside that document (-1 for BOS).
+The tokenized stream is cached in the cache dir (keyed by corpus and tokenizer digests).
 ``digest`` is the sha256 of the exact token array, recorded by stores built from it.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,7 @@ import numpy as np
 
 from interp.data.corpora import Corpus
 from interp.errors import InputError
+from interp.paths import interp_home
 
 
 @dataclass
@@ -93,6 +96,26 @@ def token_contexts(
 
 
 def _stream(corpus: Corpus, tokenizer: Any, eos: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The tokenized corpus as one stream; cached in the cache dir by corpus and tokenizer digest."""
+    from interp.store.format import tokenizer_digest
+
+    key = hashlib.sha256(f"{corpus.digest}:{tokenizer_digest(tokenizer)}:{eos}".encode()).hexdigest()[:24]
+    path = interp_home() / "tokens" / f"{key}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as cached:
+                return cached["tokens"], cached["doc_ids"], cached["doc_positions"]
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable: tokenize again and overwrite it
+    stream = _tokenize(corpus, tokenizer, eos)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, tokens=stream[0], doc_ids=stream[1], doc_positions=stream[2])
+    os.replace(tmp, path)
+    return stream
+
+
+def _tokenize(corpus: Corpus, tokenizer: Any, eos: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     encoded = tokenizer([d.text for d in corpus.documents], add_special_tokens=False)["input_ids"]
     parts, ids, pos = [], [], []
     for index, tokens in enumerate(encoded):

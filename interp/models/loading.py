@@ -30,7 +30,8 @@ def load_model(
     - a local folder in HF format,
     - a HF hub id (needs network access to the hub),
     - a ready ``transformers`` model or TransformerLens ``HookedTransformer`` object (wrapped
-      as is: same weights, same module tree).
+      as is: same weights, same module tree),
+    - ``"tiny:<family>"``: a tiny random-weight model for tests (see ``tiny_model``).
 
     Loaded weights are float32 unless ``dtype`` says otherwise; objects keep their dtype.
     """
@@ -43,6 +44,10 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     text = str(spec)
+    if text.startswith("tiny:"):
+        from interp.models.tiny import tiny_model
+
+        return tiny_model(text.removeprefix("tiny:"))
     if text.lower() in EMBEDDED:
         source, name = embedded_model_folder(text.lower()), text.lower()
     elif Path(text).expanduser().is_dir():

@@ -1,0 +1,254 @@
+"""Reading a store: memory-mapped shards served as torch batches, in order or shuffled per token.
+
+Many consumers may read one store at once (each opens its own memory maps; the page cache is
+shared). A ``Batches`` iterator has an ``epoch`` and a ``batch`` counter, saved with
+``state_dict()`` and restored with ``load_state_dict()``, so a trainer resumes on exactly the
+batch where it stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import warnings
+
+import numpy as np
+import torch
+
+from interp.errors import InputError, StoreError
+from interp.store import format as fmt
+
+
+class ActivationStore:
+    """A store directory opened for reading (only shards recorded in the manifest are visible)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not (self.root / fmt.MANIFEST).is_file():
+            raise StoreError(f"{self.root} is not an activation store (no {fmt.MANIFEST})")
+        try:
+            self.manifest = fmt.read_manifest(self.root)
+        except ValueError as err:
+            raise StoreError(f"{self.root / fmt.MANIFEST} cannot be read: {err}") from err
+        self.shards = self.manifest["shards"]
+        self.dtype: str = self.manifest["dtype"]
+        self.sites: list[str] = list(self.manifest["sites"])
+        counts = np.array([s["rows"] for s in self.shards], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])  # global row index of each shard's start
+        self._maps: dict[tuple[int, str], torch.Tensor] = {}
+
+    # ------------------------------------------------------------ metadata
+    @property
+    def n_rows(self) -> int:
+        return int(self.offsets[-1])
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    def d(self, site: str) -> int:
+        return int(self.manifest["sites"][self.check_site(site)]["d"])
+
+    def check_site(self, site: str) -> str:
+        if site not in self.manifest["sites"]:
+            import difflib
+
+            close = difflib.get_close_matches(site, self.sites, n=3, cutoff=0.4)
+            raise InputError(
+                f"site {site!r} is not in the store {self.root}; it holds {', '.join(self.sites)}"
+                + (f" (closest: {', '.join(close)})" if close else "")
+            )
+        return site
+
+    def info(self) -> str:
+        m = self.manifest
+        item = fmt.STORAGE_DTYPES[self.dtype][1].itemsize
+        size = sum(f["bytes"] for s in self.shards for f in s["files"].values())
+        sites = "\n".join(f"  {name:36s} d={v['d']}" for name, v in m["sites"].items())
+        state = "complete" if self.complete else "INCOMPLETE (run the same harvest command to resume)"
+        return (
+            f"store   {self.root}\nstate   {state}\nmodel   {m['model']['name']} ({m['model']['family']}, "
+            f"{m['model']['n_layers']} layers)\ncorpus  {m['corpus']['name']} (digest {m['corpus']['digest'][:12]})\n"
+            f"rows    {self.n_rows:,} in {len(self.shards)} shards; {m['contexts']['count']:,} contexts of "
+            f"{m['context_len']} tokens, BOS {'excluded' if m['exclude_bos'] else 'included'}\n"
+            f"dtype   {self.dtype} ({item} bytes), {size / 1e9:.2f} GB on disk\nsites\n{sites}"
+        )
+
+    # ------------------------------------------------------------- raw rows
+    def _array(self, shard: int, name: str) -> torch.Tensor:
+        """A shard file as a tensor over its memory map (torch copies/gathers are multi-threaded)."""
+        key = (shard, name)
+        if key not in self._maps:
+            record = self.shards[shard]
+            filename = "rows.npy" if name == "rows" else fmt.site_file(name)
+            path = fmt.shard_dir(self.root, record["index"]) / filename
+            expected = record["files"][filename]["bytes"]
+            if not path.is_file() or path.stat().st_size != expected:
+                got = path.stat().st_size if path.is_file() else "missing"
+                raise StoreError(
+                    f"shard {record['index']} of {self.root} is damaged: {filename} has {got} bytes, expected "
+                    f"{expected}; run `interp store verify {self.root}`"
+                )
+            array = np.load(path, mmap_mode="r")
+            with warnings.catch_warnings():  # read-only map: we never write through it
+                warnings.simplefilter("ignore", UserWarning)
+                self._maps[key] = fmt.from_storage(array, "int32" if name == "rows" else self.dtype)
+        return self._maps[key]
+
+    def rows(self, indices: np.ndarray | slice | None = None) -> np.ndarray:
+        """Row metadata [n, 5] (context, position, token, document, document offset) for global rows."""
+        return self._gather("rows", _as_indices(indices, self.n_rows)).numpy()
+
+    def read(self, site: str, indices: np.ndarray | slice | None = None, *, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Activations [n, d] of ``site`` at global row ``indices`` (sorted indices read fastest)."""
+        self.check_site(site)
+        tensor = self._gather(site, _as_indices(indices, self.n_rows))
+        return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+    def _gather(self, name: str, indices: np.ndarray | slice) -> torch.Tensor:
+        first_map = self._array(0, name)
+        if isinstance(indices, slice):  # contiguous: one copy per shard touched
+            start, stop = indices.start, indices.stop
+            out = torch.empty((stop - start, first_map.shape[1]), dtype=first_map.dtype)
+            shard, filled = int(np.searchsorted(self.offsets, start, side="right")) - 1, 0
+            while filled < stop - start:
+                lo = start + filled - int(self.offsets[shard])
+                take = min(int(self.offsets[shard + 1]) - int(self.offsets[shard]) - lo, stop - start - filled)
+                out[filled : filled + take].copy_(self._array(shard, name)[lo : lo + take])
+                filled, shard = filled + take, shard + 1
+            return out
+        if indices.size and (indices.min() < 0 or indices.max() >= self.n_rows):
+            raise InputError(f"row indices out of range for a store of {self.n_rows} rows")
+        order = None
+        if indices.size > 1 and (np.diff(indices) < 0).any():
+            order = np.argsort(indices, kind="stable")
+            indices = indices[order]
+        # Sorted rows: each shard's rows are one contiguous run of `indices`, gathered in place.
+        bounds = np.searchsorted(indices, self.offsets)
+        out = torch.empty((len(indices), first_map.shape[1]), dtype=first_map.dtype)
+        for shard in range(len(self.shards)):
+            lo, hi = int(bounds[shard]), int(bounds[shard + 1])
+            if hi > lo:
+                local = torch.from_numpy(indices[lo:hi] - self.offsets[shard])
+                torch.index_select(self._array(shard, name), 0, local, out=out[lo:hi])
+        if order is not None:
+            unsorted = torch.empty_like(out)
+            unsorted[torch.from_numpy(order)] = out
+            return unsorted
+        return out
+
+    def batches(
+        self,
+        sites: str | Sequence[str],
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        dtype: torch.dtype | None = torch.float32,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Batches:
+        """An iterator of batches (a tensor for one site, a dict aligned by row for several)."""
+        names = [sites] if isinstance(sites, str) else list(sites)
+        for name in names:
+            self.check_site(name)
+        if self.n_rows == 0:
+            raise StoreError(f"{self.root} holds no complete shard yet")
+        return Batches(self, names, batch_size, shuffle=shuffle, seed=seed, dtype=dtype, drop_last=drop_last,
+                       single=isinstance(sites, str), rank=rank, world_size=world_size)
+
+    def verify(self) -> list[str]:
+        """Recompute every file's size and sha256; a list of problems (empty when intact)."""
+        problems = []
+        for record in self.shards:
+            folder = fmt.shard_dir(self.root, record["index"])
+            for filename, expected in record["files"].items():
+                path = folder / filename
+                if not path.is_file():
+                    problems.append(f"shard {record['index']}: {filename} is missing")
+                elif path.stat().st_size != expected["bytes"]:
+                    problems.append(f"shard {record['index']}: {filename} has {path.stat().st_size} bytes, expected {expected['bytes']}")
+                elif fmt.sha256_file(path) != expected["sha256"]:
+                    problems.append(f"shard {record['index']}: {filename} does not match its checksum")
+        return problems
+
+
+def _as_indices(indices: np.ndarray | slice | None, n: int) -> np.ndarray | slice:
+    if indices is None:
+        return slice(0, n)
+    if isinstance(indices, slice):
+        start, stop, step = indices.indices(n)
+        return slice(start, stop) if step == 1 else np.arange(start, stop, step)
+    return np.asarray(indices, dtype=np.int64)
+
+
+class Batches:
+    """Epoch-aware batch iterator over a store (see ``ActivationStore.batches``).
+
+    Shuffling is per token: each epoch visits every row exactly once, in the order of a
+    permutation drawn from ``(seed, epoch)``; each batch is read in sorted row order (fast
+    memory-map access) and returned in that order, the same on every run. With
+    ``world_size > 1`` each rank gets every ``world_size``-th batch.
+    """
+
+    def __init__(self, store: ActivationStore, sites: list[str], batch_size: int, *, shuffle: bool, seed: int,
+                 dtype: torch.dtype | None, drop_last: bool, single: bool, rank: int, world_size: int):
+        if batch_size < 1:
+            raise InputError(f"batch_size must be positive, got {batch_size}")
+        self.store, self.sites, self.batch_size = store, sites, batch_size
+        self.shuffle, self.seed, self.dtype, self.drop_last, self.single = shuffle, seed, dtype, drop_last, single
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.batch = 0, 0
+        self._order: np.ndarray | None = None
+        self._order_epoch = -1
+
+    def __len__(self) -> int:
+        """Batches per epoch (for this rank)."""
+        n = self.store.n_rows
+        total = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return len(range(self.rank, total, self.world_size))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "shuffle": self.shuffle, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("seed", "shuffle", "batch_size"):
+            if state[key] != getattr(self, key):
+                raise InputError(f"cannot resume: the saved reader had {key}={state[key]}, this one has {getattr(self, key)}")
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self._order = rng.permutation(self.store.n_rows)
+            self._order_epoch = self.epoch
+        assert self._order is not None
+        return self._order
+
+    def rows_of(self, index: int) -> np.ndarray | slice:
+        """The global store rows of batch ``index`` of the current epoch (sorted)."""
+        start = index * self.batch_size
+        stop = min(start + self.batch_size, self.store.n_rows)
+        return np.sort(self._epoch_order()[start:stop]) if self.shuffle else slice(start, stop)
+
+    def read_batch(self, index: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Batch ``index`` of the current epoch."""
+        rows = self.rows_of(index)
+        out = {site: self.store.read(site, rows, dtype=self.dtype) for site in self.sites}
+        return out[self.sites[0]] if self.single else out
+
+    def __iter__(self) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
+        """Yield the rest of the current epoch, then move to the next epoch."""
+        total = self.store.n_rows // self.batch_size if self.drop_last else -(-self.store.n_rows // self.batch_size)
+        mine = range(self.rank, total, self.world_size)
+        while self.batch < len(mine):
+            batch = self.read_batch(mine[self.batch])
+            self.batch += 1
+            yield batch
+        self.epoch, self.batch = self.epoch + 1, 0
