@@ -191,5 +191,79 @@ def store_verify_cmd(config: StorePathConfig) -> None:
     typer.echo(f"{config.store}: {len(store.shards)} shards, {store.n_rows:,} rows, all checksums match")
 
 
+from interp.dictionary.train import EvalConfig, TrainConfig, TranscoderTrainConfig  # noqa: E402
+
+
+def _train_and_report(config: TrainConfig) -> None:
+    from interp.dictionary.metrics import metrics_table
+    from interp.dictionary.train import train
+
+    results = train(config)
+    typer.echo("\n" + metrics_table(results))
+    typer.echo(f"\nwrote {config.out}/metrics.json and one folder per dictionary (with a SAELens export in saelens/)")
+
+
+@command(TrainConfig, "train-sae")
+def train_sae_cmd(config: TrainConfig) -> None:
+    """Train SAE(s) on a chosen site and layer: harvests the store if needed, prints and writes the metrics."""
+    _train_and_report(config)
+
+
+@command(TranscoderTrainConfig, "train-transcoder")
+def train_transcoder_cmd(config: TranscoderTrainConfig) -> None:
+    """Train transcoder(s) from an input site to an output site (default: ln2 -> mlp_out of the layer)."""
+    _train_and_report(config)
+
+
+@command(EvalConfig, "eval-sae")
+def eval_sae_cmd(config: EvalConfig) -> None:
+    """Evaluate a trained dictionary: reconstruction on held-out rows, CE loss with it spliced in."""
+    from interp.dictionary.metrics import metrics_table
+    from interp.dictionary.train import evaluate
+
+    metrics = evaluate(config)
+    typer.echo(metrics_table({config.dictionary.name: metrics}))
+
+
+@dataclass
+class FeaturesConfig:
+    dictionary: Path = opt(help="a trained dictionary folder", argument=True)
+    latents: str = opt("0,1,2,3,4,5,6,7", "comma-separated latent ids")
+    n: int = opt(12, "examples per latent")
+    all_rows: bool = opt(False, "search every store row (default: the held-out rows, faster)")
+    out: Path | None = opt(None, "HTML page (default: <dictionary>/features.html)")
+
+
+@command(FeaturesConfig, "features")
+def features_cmd(config: FeaturesConfig) -> None:
+    """Top-activating examples of latents: a table per latent here, and a static HTML page."""
+    import pandas as pd
+
+    from interp.dictionary.features import latent_examples, latent_summary, top_activations
+    from interp.dictionary.io import load_dictionary, read_meta
+    from interp.models import load_model
+    from interp.store import ActivationStore
+    from interp.viz import latent_section, write_dashboard
+
+    meta = read_meta(config.dictionary)
+    dictionary = load_dictionary(config.dictionary)
+    store = ActivationStore(meta["store"])
+    model = load_model(dictionary.config.model)
+    latents = [int(v) for v in config.latents.split(",") if v.strip()]
+    rows = None if config.all_rows else tuple(meta["held_out_rows"])
+    top = top_activations(dictionary, store, latents, n=config.n, rows=rows)
+    sections = []
+    for latent in latents:
+        examples = latent_examples(dictionary, store, model.tokenizer, latent, top=top)
+        summary = latent_summary(dictionary, latent, model)
+        typer.echo(f"\nlatent {latent}" + (f"  promotes {summary['promotes'][:5]}" if "promotes" in summary else ""))
+        if not examples.empty:
+            with pd.option_context("display.width", 160, "display.max_colwidth", 60):
+                typer.echo(examples[["activation", "left", "token", "right"]].to_string(index=False))
+        sections.append(latent_section(latent, examples, summary))
+    page = write_dashboard(config.out or config.dictionary / "features.html", sections, f"{config.dictionary.name}: top activations")
+    typer.echo(f"\nwrote {page}")
+
+
 def main() -> None:
     app()

@@ -30,3 +30,7 @@ class InputError(InterpError, ValueError):
 
 class StoreError(InterpError, OSError):
     """An activation store that is missing, damaged or incomplete; the message says which shard."""
+
+
+class TrainingError(InterpError, RuntimeError):
+    """Training cannot go on (the loss diverged); the message says what to change."""

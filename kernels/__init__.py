@@ -14,10 +14,11 @@ import importlib.util
 import os
 
 import torch
+import torch.nn.functional as F
 
 from interp_kernels import reference
 from interp_kernels.cpu import DEFAULT_CHUNK, topk_encode_chunked
-from interp_kernels.sparse_grad import Ops, SparseDecode, TopKEncode, embedding_bag_sum, gathered_dot, latent_weight_grad
+from interp_kernels.sparse_grad import TopKEncode, TritonDecode, latent_weight_grad
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 
@@ -39,37 +40,41 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-@functools.cache
-def _ops(backend: str, chunk: int, compute_dtype: torch.dtype | None) -> Ops:
-    if backend == "triton":
-        from interp_kernels import triton_kernels as tk
-
-        return Ops(select=tk.topk_encode_triton, gather_sum=tk.decode_triton,
-                   gathered_dot=tk.decode_grad_values_triton, latent_grad=tk.latent_grad_triton)
-    select = functools.partial(topk_encode_chunked, chunk=chunk, compute_dtype=compute_dtype)
-    return Ops(select=select, gather_sum=embedding_bag_sum, gathered_dot=gathered_dot, latent_grad=latent_weight_grad)
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 / AMX); elsewhere it is emulated and slow."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def topk_encode(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, *,
     backend: str = "auto", compute_dtype: torch.dtype | None = None, chunk: int = DEFAULT_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of ReLU(x W_enc^T + b_enc) per row: (values [rows, k], int64 indices [rows, k])."""
+    """Top-k of ReLU(x W_enc^T + b_enc) per row: (values [rows, k], int64 indices [rows, k]).
+
+    ``compute_dtype`` (CPU path) runs the matmuls in that dtype, e.g. ``torch.bfloat16``.
+    """
     chosen = resolve_backend(backend, x.device)
     if chosen == "reference":
         return reference.topk_encode(x, W_enc, b_enc, k)
-    return TopKEncode.apply(x, W_enc, b_enc, k, _ops(chosen, chunk, compute_dtype))
+    if chosen == "triton":
+        from interp_kernels.triton_kernels import latent_grad_triton, topk_encode_triton
+
+        return TopKEncode.apply(x, W_enc, b_enc, k, topk_encode_triton, latent_grad_triton)
+    select = functools.partial(topk_encode_chunked, chunk=chunk, compute_dtype=compute_dtype)
+    return TopKEncode.apply(x, W_enc, b_enc, k, select, latent_weight_grad)
 
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
-    """sum_s values[r, s] * W_dec[indices[r, s]] (+ b_dec): [rows, d_out]."""
+    """sum_s values[r, s] * W_dec[indices[r, s]] (+ b_dec): [rows, d_out]. Gradients are sparse."""
     chosen = resolve_backend(backend, values.device)
     if chosen == "reference":
         rows, k = indices.shape
         out = reference.decode(values.reshape(-1), indices.reshape(-1), torch.arange(0, rows * k, k, device=values.device), W_dec)
+    elif chosen == "triton":
+        out = TritonDecode.apply(values, indices, W_dec)
     else:
-        out = SparseDecode.apply(values, indices, W_dec, _ops(chosen, DEFAULT_CHUNK, None))
+        out = F.embedding_bag(indices, W_dec, mode="sum", per_sample_weights=values.to(W_dec.dtype))
     return out if b_dec is None else out + b_dec
 
 
-__all__ = ["BACKENDS", "reference", "resolve_backend", "sparse_decode", "topk_encode", "triton_usable"]
+__all__ = ["BACKENDS", "native_bfloat16", "reference", "resolve_backend", "sparse_decode", "topk_encode", "triton_usable"]

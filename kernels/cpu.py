@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_CHUNK = 2048
+DEFAULT_CHUNK = 4096
 
 
 def topk_encode_chunked(

@@ -4,12 +4,12 @@ The gradient reaching the pre-activations of a top-k encoder is non-zero at k la
 so ``dW_enc`` costs rows x k x d_in work instead of a dense rows x latents x d_in matmul. The
 pairs are sorted by latent and summed with ``embedding_bag`` (one bag per latent): no atomics,
 deterministic, multi-threaded, and nothing of size rows x k x d is materialised.
+
+On CPU the sparse decoder is ``F.embedding_bag`` itself, whose own backward already computes the
+gradients of the values and of W_dec sparsely; on GPU ``TritonDecode`` does the same in Triton.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,25 +36,19 @@ def latent_weight_grad(row_vectors: torch.Tensor, latents: torch.Tensor, weights
     return F.embedding_bag(rows, row_vectors, offsets, mode="sum", per_sample_weights=weights.reshape(-1)[order].to(row_vectors.dtype))
 
 
-@dataclass(frozen=True)
-class Ops:
-    """One backend's pieces: the forward selection / gather-sum and the two sparse gradient sums."""
-
-    select: Callable  # (x, W_enc, b_enc, k) -> (values [rows, k], int64 indices [rows, k])
-    gather_sum: Callable  # (values, indices, W) -> [rows, d]: sum_s values[r, s] * W[indices[r, s]]
-    gathered_dot: Callable  # (W, indices, vectors) -> [rows, k]: <W[indices[r, s]], vectors[r]>
-    latent_grad: Callable  # (row_vectors, latents, weights, n_latents) -> [n_latents, d]
-
-
 class TopKEncode(torch.autograd.Function):
-    """(x, W_enc, b_enc) -> (top-k values, indices) with gradients only at the selected latents."""
+    """(x, W_enc, b_enc) -> (top-k values, indices) with gradients only at the selected latents.
+
+    ``select(x, W_enc, b_enc, k)`` is the forward path (CPU chunks or the Triton kernel);
+    ``latent_grad`` sums the W_enc gradient (embedding_bag on CPU, a Triton kernel on GPU).
+    """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k, ops):  # type: ignore[override]
-        values, indices = ops.select(x, W_enc, b_enc, k)
+    def forward(ctx, x, W_enc, b_enc, k, select, latent_grad):  # type: ignore[override]
+        values, indices = select(x, W_enc, b_enc, k)
         ctx.mark_non_differentiable(indices)
         ctx.save_for_backward(x, W_enc, values, indices)
-        ctx.ops = ops
+        ctx.latent_grad = latent_grad
         return values, indices
 
     @staticmethod
@@ -64,43 +58,33 @@ class TopKEncode(torch.autograd.Function):
         n_latents = W_enc.shape[0]
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = ctx.ops.gather_sum(grad_pre, indices, W_enc)
+            grad_x = F.embedding_bag(indices, W_enc, mode="sum", per_sample_weights=grad_pre.to(W_enc.dtype))
         if ctx.needs_input_grad[1]:
-            grad_W = ctx.ops.latent_grad(x, indices, grad_pre, n_latents)
+            grad_W = ctx.latent_grad(x, indices, grad_pre, n_latents)
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(n_latents, dtype=grad_pre.dtype, device=grad_pre.device)
             grad_b.index_add_(0, indices.reshape(-1), grad_pre.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None
+        return grad_x, grad_W, grad_b, None, None, None
 
 
-class SparseDecode(torch.autograd.Function):
-    """(values [rows, k], indices [rows, k], W_dec) -> sum_s values[r, s] W_dec[indices[r, s]]; sparse gradients."""
+class TritonDecode(torch.autograd.Function):
+    """(values [rows, k], indices [rows, k], W_dec) -> sum_s values[r, s] W_dec[indices[r, s]], all in Triton."""
 
     @staticmethod
-    def forward(ctx, values, indices, W_dec, ops):  # type: ignore[override]
+    def forward(ctx, values, indices, W_dec):  # type: ignore[override]
+        from interp_kernels.triton_kernels import decode_triton
+
         ctx.save_for_backward(values, indices, W_dec)
-        ctx.ops = ops
-        return ops.gather_sum(values, indices, W_dec)
+        return decode_triton(values, indices, W_dec)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
+        from interp_kernels.triton_kernels import decode_grad_values_triton, latent_grad_triton
+
         values, indices, W_dec = ctx.saved_tensors
         grad_values = grad_W = None
         if ctx.needs_input_grad[0]:
-            grad_values = ctx.ops.gathered_dot(W_dec, indices, grad_out)
+            grad_values = decode_grad_values_triton(W_dec, indices, grad_out)
         if ctx.needs_input_grad[2]:
-            grad_W = ctx.ops.latent_grad(grad_out, indices, values, W_dec.shape[0])
-        return grad_values, None, grad_W, None
-
-
-def embedding_bag_sum(values: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    return F.embedding_bag(indices, W, mode="sum", per_sample_weights=values.to(W.dtype))
-
-
-def gathered_dot(W: torch.Tensor, indices: torch.Tensor, vectors: torch.Tensor, rows_per_chunk: int = 1024) -> torch.Tensor:
-    """out[r, s] = <W[indices[r, s]], vectors[r]>, in row chunks (never all rows x k x d at once)."""
-    out = torch.empty(indices.shape, dtype=vectors.dtype, device=vectors.device)
-    for start in range(0, indices.shape[0], rows_per_chunk):
-        stop = start + rows_per_chunk
-        out[start:stop] = torch.bmm(W[indices[start:stop]], vectors[start:stop, :, None]).squeeze(-1)
-    return out
+            grad_W = latent_grad_triton(grad_out, indices, values, W_dec.shape[0])
+        return grad_values, None, grad_W

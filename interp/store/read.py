@@ -153,15 +153,22 @@ class ActivationStore:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        rows: tuple[int, int] | None = None,
     ) -> Batches:
-        """An iterator of batches (a tensor for one site, a dict aligned by row for several)."""
+        """An iterator of batches (a tensor for one site, a dict aligned by row for several).
+
+        ``rows=(start, stop)`` restricts it to a range of store rows (e.g. all but a held-out tail).
+        """
         names = [sites] if isinstance(sites, str) else list(sites)
         for name in names:
             self.check_site(name)
         if self.n_rows == 0:
             raise StoreError(f"{self.root} holds no complete shard yet")
+        start, stop = rows if rows is not None else (0, self.n_rows)
+        if not 0 <= start < stop <= self.n_rows:
+            raise InputError(f"rows={rows}: the store has rows 0..{self.n_rows}")
         return Batches(self, names, batch_size, shuffle=shuffle, seed=seed, dtype=dtype, drop_last=drop_last,
-                       single=isinstance(sites, str), rank=rank, world_size=world_size)
+                       single=isinstance(sites, str), rank=rank, world_size=world_size, start=start, stop=stop)
 
     def verify(self) -> list[str]:
         """Recompute every file's size and sha256; a list of problems (empty when intact)."""
@@ -198,21 +205,24 @@ class Batches:
     """
 
     def __init__(self, store: ActivationStore, sites: list[str], batch_size: int, *, shuffle: bool, seed: int,
-                 dtype: torch.dtype | None, drop_last: bool, single: bool, rank: int, world_size: int):
+                 dtype: torch.dtype | None, drop_last: bool, single: bool, rank: int, world_size: int, start: int, stop: int):
         if batch_size < 1:
             raise InputError(f"batch_size must be positive, got {batch_size}")
         self.store, self.sites, self.batch_size = store, sites, batch_size
+        self.start, self.n_rows = start, stop - start
         self.shuffle, self.seed, self.dtype, self.drop_last, self.single = shuffle, seed, dtype, drop_last, single
         self.rank, self.world_size = rank, world_size
         self.epoch, self.batch = 0, 0
         self._order: np.ndarray | None = None
         self._order_epoch = -1
 
+    def _total(self) -> int:
+        n = self.n_rows
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
     def __len__(self) -> int:
         """Batches per epoch (for this rank)."""
-        n = self.store.n_rows
-        total = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-        return len(range(self.rank, total, self.world_size))
+        return len(range(self.rank, self._total(), self.world_size))
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "shuffle": self.shuffle, "batch_size": self.batch_size}
@@ -226,7 +236,7 @@ class Batches:
     def _epoch_order(self) -> np.ndarray:
         if self._order_epoch != self.epoch:
             rng = np.random.default_rng([self.seed, self.epoch])
-            self._order = rng.permutation(self.store.n_rows)
+            self._order = rng.permutation(self.n_rows) + self.start
             self._order_epoch = self.epoch
         assert self._order is not None
         return self._order
@@ -234,8 +244,10 @@ class Batches:
     def rows_of(self, index: int) -> np.ndarray | slice:
         """The global store rows of batch ``index`` of the current epoch (sorted)."""
         start = index * self.batch_size
-        stop = min(start + self.batch_size, self.store.n_rows)
-        return np.sort(self._epoch_order()[start:stop]) if self.shuffle else slice(start, stop)
+        stop = min(start + self.batch_size, self.n_rows)
+        if self.shuffle:
+            return np.sort(self._epoch_order()[start:stop])
+        return slice(self.start + start, self.start + stop)
 
     def read_batch(self, index: int) -> torch.Tensor | dict[str, torch.Tensor]:
         """Batch ``index`` of the current epoch."""
@@ -245,8 +257,7 @@ class Batches:
 
     def __iter__(self) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
         """Yield the rest of the current epoch, then move to the next epoch."""
-        total = self.store.n_rows // self.batch_size if self.drop_last else -(-self.store.n_rows // self.batch_size)
-        mine = range(self.rank, total, self.world_size)
+        mine = range(self.rank, self._total(), self.world_size)
         while self.batch < len(mine):
             batch = self.read_batch(mine[self.batch])
             self.batch += 1

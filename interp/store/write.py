@@ -112,6 +112,45 @@ def harvest(config: HarvestConfig, *, model: Any = None, progress: bool = True) 
     return ActivationStore(out)
 
 
+def write_arrays(out: str | Path, arrays: dict[str, np.ndarray | torch.Tensor], *, source: str = "external",
+                 dtype: str = "float32", rows_per_shard: int = 65_536) -> ActivationStore:
+    """A store from activations you already have ({site: [rows, d]}, rows aligned across sites).
+
+    Row metadata is context = row, position = 0, token = document = offset = -1 (unknown).
+    """
+    out = Path(out)
+    if dtype not in fmt.STORAGE_DTYPES:
+        raise InputError(f"dtype {dtype!r}: choose one of {', '.join(fmt.STORAGE_DTYPES)}")
+    tensors = {site: torch.as_tensor(a) for site, a in arrays.items()}
+    lengths = {t.shape[0] for t in tensors.values()}
+    if len(lengths) != 1 or any(t.ndim != 2 for t in tensors.values()):
+        raise InputError("write_arrays needs 2-D arrays with the same number of rows")
+    n = lengths.pop()
+    _check_destination(out)
+    if (out / fmt.MANIFEST).exists():
+        raise InputError(f"{out} already holds a store")
+    manifest = {
+        "format": fmt.FORMAT, "version": fmt.VERSION, "identity": {"source": source},
+        "model": {"name": source, "family": "external", "n_layers": 0, "d_model": 0, "dtype": dtype},
+        "tokenizer": "", "sites": {site: {"d": int(t.shape[1])} for site, t in tensors.items()}, "dtype": dtype,
+        "row_columns": list(fmt.ROW_COLUMNS), "context_len": 1, "rows_per_context": 1, "exclude_bos": False,
+        "corpus": {"name": source, "digest": "", "stream_tokens": n}, "contexts": {"count": n, "digest": "", "seed": 0, "passes": 1},
+        "config": {}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "complete": False, "shards": [],
+    }
+    fmt.write_manifest(out, manifest)
+    for index, start in enumerate(range(0, n, rows_per_shard)):
+        stop = min(start + rows_per_shard, n)
+        rows = np.full((stop - start, len(fmt.ROW_COLUMNS)), -1, dtype=np.int32)
+        rows[:, 0], rows[:, 1] = np.arange(start, stop), 0
+        shard = {site: fmt.to_storage(t[start:stop], dtype) for site, t in tensors.items()}
+        files = _write_shard(out, index, {**shard, "rows": rows}, manifest)
+        manifest["shards"].append({"index": index, "contexts": [start, stop], "rows": stop - start, "files": files})
+        fmt.write_manifest(out, manifest)
+    manifest["complete"] = True
+    fmt.write_manifest(out, manifest)
+    return ActivationStore(out)
+
+
 def weights_fingerprint(module: torch.nn.Module) -> str:
     """A cheap digest of the weights: every tensor's name, shape and first/last values."""
     import hashlib

@@ -1,0 +1,164 @@
+"""Saving and loading dictionaries: our own format, and SAELens's (both directions).
+
+Own format: a folder with ``dictionary.safetensors`` (parameters and buffers) and
+``dictionary.json`` (``{"format": "interp-dictionary", "config": {...}, ...}``), each written to a
+temporary name and renamed, so a crash never leaves a half-written file under the real name.
+
+SAELens format: ``cfg.json`` + ``sae_weights.safetensors`` written and read by SAELens's own
+classes, so ``sae_lens.SAE.load_from_disk`` loads what we export. Input normalisation is folded
+into the weights on export. Mapping: topk -> "topk"; relu -> "standard" (SAE) / "transcoder";
+jumprelu -> "jumprelu" / "jumprelu_transcoder"; batchtopk -> JumpReLU with its inference
+threshold on every latent (what BatchTopK computes at inference). SAELens has no TopK transcoder.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from interp.dictionary.sae import DictionaryConfig, SparseDictionary
+from interp.errors import InputError
+
+WEIGHTS, META = "dictionary.safetensors", "dictionary.json"
+FORMAT = "interp-dictionary"
+
+
+def save_dictionary(dictionary: SparseDictionary, folder: str | Path, **extra: Any) -> Path:
+    """Write ``dictionary`` (and any JSON-able ``extra`` fields) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().contiguous().cpu() for name, t in dictionary.state_dict().items()}
+    _atomic(folder / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    meta = {"format": FORMAT, "version": 1, "config": dataclasses.asdict(dictionary.config), **extra}
+    _atomic(folder / META, lambda tmp: tmp.write_text(json.dumps(meta, indent=1, default=str)))
+    return folder
+
+
+def load_dictionary(folder: str | Path, *, d_in: int | None = None) -> SparseDictionary:
+    """Load a folder written by ``save_dictionary``; ``d_in`` checks the input width if given."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{folder} holds no readable {META}: {err}") from err
+    if meta.get("format") != FORMAT:
+        raise InputError(f"{folder / META} is not an interp dictionary")
+    config = DictionaryConfig(**meta["config"])
+    _check_width(config, d_in, folder)
+    dictionary = SparseDictionary(config)
+    dictionary.load_state_dict(load_file(str(folder / WEIGHTS)))
+    return dictionary
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / META).read_text())
+
+
+def _check_width(config: DictionaryConfig, d_in: int | None, where: Path) -> None:
+    if d_in is not None and config.d_in != d_in:
+        raise InputError(f"{where}: the dictionary reads vectors of width {config.d_in}, but the site has width {d_in}")
+
+
+def _atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ SAELens
+
+
+def export_saelens(dictionary: SparseDictionary, folder: str | Path) -> Path:
+    """Write ``dictionary`` in SAELens's format (via SAELens's own classes)."""
+    from sae_lens.saes.sae import SAEMetadata
+
+    d = copy.deepcopy(dictionary).float()
+    d.fold_scaling()
+    c = d.config
+    weights = {"W_enc": d.W_enc.detach().T.contiguous(), "b_enc": d.b_enc.detach(),
+               "W_dec": d.W_dec.detach().contiguous(), "b_dec": d.b_dec.detach()}
+    metadata = SAEMetadata(model_name=c.model, hook_name=c.input_site, hook_name_out=c.output_site or c.input_site,
+                           exported_by="interp")
+    common = dict(d_in=c.d_in, d_sae=c.n_latents, dtype="float32", device="cpu", metadata=metadata)
+    if c.architecture == "topk":
+        if c.is_transcoder:
+            raise InputError("SAELens has no TopK transcoder architecture; export the transcoder with interp's own format")
+        from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+        sae = TopKSAE(TopKSAEConfig(k=c.k, apply_b_dec_to_input=True, **common))
+    elif c.architecture == "relu":
+        if c.is_transcoder:
+            from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
+
+            sae = Transcoder(TranscoderConfig(d_out=c.out_dim, apply_b_dec_to_input=False, **common))
+        else:
+            from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+
+            sae = StandardSAE(StandardSAEConfig(apply_b_dec_to_input=True, **common))
+    else:  # jumprelu, or batchtopk as a JumpReLU with one threshold everywhere
+        threshold = d.log_threshold.detach().exp() if c.architecture == "jumprelu" else d.threshold.expand(c.n_latents)
+        weights["threshold"] = threshold.clone().contiguous()
+        if c.is_transcoder:
+            from sae_lens.saes.transcoder import JumpReLUTranscoder, JumpReLUTranscoderConfig
+
+            sae = JumpReLUTranscoder(JumpReLUTranscoderConfig(d_out=c.out_dim, apply_b_dec_to_input=False, **common))
+        else:
+            from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+
+            sae = JumpReLUSAE(JumpReLUSAEConfig(apply_b_dec_to_input=True, **common))
+    sae.load_state_dict(weights)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sae.save_model(folder)
+    return folder
+
+
+def import_saelens(folder: str | Path, *, d_in: int | None = None) -> SparseDictionary:
+    """Load a SAELens-format folder (``cfg.json`` + ``sae_weights.safetensors``) as a SparseDictionary."""
+    from sae_lens import SAE
+
+    folder = Path(folder)
+    if not (folder / "cfg.json").is_file():
+        raise InputError(f"{folder} is not a SAELens SAE folder (no cfg.json)")
+    sae = SAE.load_from_disk(str(folder), device="cpu")
+    cfg = sae.cfg
+    arch = cfg.architecture()
+    if cfg.normalize_activations != "none":
+        raise InputError(f"{folder}: SAELens normalize_activations={cfg.normalize_activations!r} is not supported")
+    kinds = {"topk": "topk", "standard": "relu", "transcoder": "relu", "jumprelu": "jumprelu", "jumprelu_transcoder": "jumprelu"}
+    if arch not in kinds:
+        raise InputError(f"{folder}: SAELens architecture {arch!r} is not supported (supported: {', '.join(kinds)})")
+    meta = cfg.metadata
+    transcoder = "transcoder" in arch
+    hook_in = meta.hook_name or ""
+    hook_out = (meta.hook_name_out or "") if transcoder else ""
+    config = DictionaryConfig(
+        d_in=cfg.d_in, n_latents=cfg.d_sae, architecture=kinds[arch], k=getattr(cfg, "k", 32),
+        d_out=getattr(cfg, "d_out", None), input_site=hook_in, output_site=hook_out or (f"{hook_in}:output" if transcoder else ""),
+        model=meta.model_name or "", subtract_b_dec=bool(cfg.apply_b_dec_to_input),
+        metadata={"imported_from": str(folder), "saelens_architecture": arch},
+    )
+    _check_width(config, d_in, folder)
+    dictionary = SparseDictionary(config)
+    state = sae.state_dict()
+    with torch.no_grad():
+        dictionary.W_enc.copy_(state["W_enc"].T)
+        dictionary.b_enc.copy_(state["b_enc"])
+        dictionary.W_dec.copy_(state["W_dec"])
+        dictionary.b_dec.copy_(state["b_dec"])
+        if config.architecture == "jumprelu":
+            dictionary.log_threshold.copy_(state["threshold"].clamp_min(1e-12).log())
+    return dictionary
+
+
+__all__ = ["export_saelens", "import_saelens", "load_dictionary", "read_meta", "save_dictionary"]

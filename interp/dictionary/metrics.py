@@ -1,0 +1,140 @@
+"""Dictionary metrics: reconstruction quality on held-out store rows, and the model's loss with the
+dictionary spliced in at its site.
+
+Definitions (all on held-out data; reported by every training run):
+- ``l0``: mean number of active latents per token.
+- ``mse``: mean over tokens and dimensions of (y - y_hat)^2, in the model's scale.
+- ``fvu``: fraction of variance unexplained, sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 (the mean
+  per dimension over the evaluation tokens); ``explained_variance`` = 1 - fvu.
+- ``cosine``: mean over tokens of cos(y, y_hat).
+- ``dense_1pct`` / ``dense_10pct``: fraction of latents firing on more than 1% / 10% of tokens.
+- ``ce_clean`` / ``ce_spliced`` / ``ce_zero``: next-token cross-entropy (nats) of the model, of the
+  model with the site replaced by the dictionary's output, and with the site zeroed.
+- ``delta_lm_loss`` = ce_spliced - ce_clean.
+- ``ce_recovered`` = (ce_zero - ce_spliced) / (ce_zero - ce_clean): 1 is perfect, 0 is no better
+  than zero-ablating the site.
+- ``kl``: mean KL(clean || spliced) of the next-token distributions, nats.
+Splicing and ablation apply at the positions the dictionary was trained on (all but the BOS
+position when the store left BOS out).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+import interp
+from interp.dictionary.sae import SparseDictionary
+
+if TYPE_CHECKING:
+    from interp.models.model import Model
+    from interp.store import ActivationStore
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    dictionary: SparseDictionary, store: ActivationStore, rows: tuple[int, int], *, batch_size: int = 4096,
+) -> dict[str, float]:
+    """Reconstruction metrics over store rows ``rows = (start, stop)``."""
+    c = dictionary.config
+    in_site, out_site = c.input_site, c.output_site or c.input_site
+    sites = [in_site] if out_site == in_site else [in_site, out_site]
+    n = 0
+    sq_err = y_sum = y_sq = cos_sum = l0_sum = 0.0
+    y_sum_vec = None
+    fires = torch.zeros(c.n_latents, dtype=torch.long)
+    dictionary.eval()
+    for batch in store.batches(sites, batch_size, rows=rows):
+        x, y = batch[in_site], batch[out_site]
+        code = dictionary.encode(x)
+        y_hat = dictionary.decode(code)
+        sq_err += float((y - y_hat).pow(2).sum())
+        y_sq += float(y.pow(2).sum())
+        y_sum_vec = y.sum(0) if y_sum_vec is None else y_sum_vec + y.sum(0)
+        cos_sum += float(torch.nn.functional.cosine_similarity(y, y_hat, dim=-1).sum())
+        l0_sum += float(code.l0().sum())
+        fires += code.fire_counts(c.n_latents)
+        n += y.shape[0]
+    assert y_sum_vec is not None
+    total_var = y_sq - float(y_sum_vec.pow(2).sum()) / n  # sum ||y - mean||^2
+    frequency = fires.double() / n
+    fvu = sq_err / total_var
+    return {
+        "eval_tokens": n,
+        "l0": l0_sum / n,
+        "mse": sq_err / (n * y.shape[1]),
+        "fvu": fvu,
+        "explained_variance": 1 - fvu,
+        "cosine": cos_sum / n,
+        "dense_1pct": float((frequency > 0.01).double().mean()),
+        "dense_10pct": float((frequency > 0.10).double().mean()),
+    }
+
+
+@torch.no_grad()
+def splice_metrics(
+    model: Model, dictionary: SparseDictionary, tokens: torch.Tensor, *, first_position: int = 1, batch_size: int = 16,
+) -> dict[str, float]:
+    """CE loss of ``model`` on ``tokens`` [contexts, pos]: clean, with the dictionary spliced, and zero-ablated."""
+    c = dictionary.config
+    out_site = c.output_site or c.input_site
+    positions = slice(first_position, None)
+    dictionary.eval()
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture_input(act: torch.Tensor) -> torch.Tensor:
+        captured["x"] = act
+        return act
+
+    def replace_output(act: torch.Tensor) -> torch.Tensor:
+        source = captured["x"] if c.is_transcoder else act
+        return dictionary(source.reshape(-1, source.shape[-1])).reshape(act.shape).to(act.dtype)
+
+    spliced = [interp.Apply(out_site, replace_output, positions=positions)]
+    if c.is_transcoder:
+        spliced.insert(0, interp.Apply(c.input_site, capture_input))
+    zero = [interp.Replace(out_site, 0.0, positions=positions)]
+    sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
+    count = 0
+    for chunk in tokens.split(batch_size):
+        ids = interp.Tokens(chunk.long().to(model.device))
+        clean = model.forward(ids)
+        with model.intervene(*spliced):
+            edited = model.forward(ids)
+        with model.intervene(*zero):
+            ablated = model.forward(ids)
+        # Losses on next-token predictions from the first spliced position on.
+        target = ids.ids[:, first_position + 1 :]
+        for name, logits in (("clean", clean), ("spliced", edited), ("zero", ablated)):
+            logprobs = logits[:, first_position:-1].float().log_softmax(-1)
+            sums[name] += float(-logprobs.gather(-1, target[..., None]).sum())
+        p_clean = clean[:, first_position:-1].float().log_softmax(-1)
+        p_edit = edited[:, first_position:-1].float().log_softmax(-1)
+        sums["kl"] += float((p_clean.exp() * (p_clean - p_edit)).sum())
+        count += target.numel()
+    ce = {name: sums[name] / count for name in ("clean", "spliced", "zero")}
+    return {
+        "ce_tokens": count,
+        "ce_clean": ce["clean"],
+        "ce_spliced": ce["spliced"],
+        "ce_zero": ce["zero"],
+        "delta_lm_loss": ce["spliced"] - ce["clean"],
+        "ce_recovered": (ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"]),
+        "kl": sums["kl"] / count,
+    }
+
+
+def metrics_table(results: dict[str, dict[str, Any]]) -> str:
+    """A fixed-width table: one column per dictionary, one row per metric."""
+    names = list(results)
+    keys = [k for k in results[names[0]] if isinstance(results[names[0]][k], (int, float))]
+    width = max(14, *(len(n) for n in names))
+    lines = [f"{'metric':22s}" + "".join(f"{n:>{width + 2}s}" for n in names)]
+    for key in keys:
+        row = f"{key:22s}"
+        for name in names:
+            value = results[name].get(key, float("nan"))
+            row += f"{value:>{width + 2},}" if isinstance(value, int) else f"{value:>{width + 2}.4f}"
+        lines.append(row)
+    return "\n".join(lines)

@@ -1,0 +1,476 @@
+"""Training SAEs and transcoders from the activation store.
+
+``train(TrainConfig(...))`` (or ``interp train-sae`` / ``interp train-transcoder``):
+1. finds or harvests the store holding the input (and output) site, plus a held-out tail of
+   ``eval_tokens`` rows that training never reads;
+2. trains one dictionary per value of ``k`` in lockstep from one read of the store (Adam, linear
+   warm-up and decay, unit-norm decoder rows, AuxK on latents dead for ``auxk_dead_tokens``);
+3. checkpoints every ``checkpoint_every`` steps (atomically) and resumes exactly with ``--resume``;
+4. evaluates every dictionary (``metrics.py``), prints the table and writes ``metrics.json``, the
+   dictionaries (own format) and their SAELens exports.
+
+A batch with a NaN/inf activation stops training with the store row that holds it; the last
+checkpoint stays as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+import interp_kernels as K
+from interp.config import config_dict, opt, parse_count, write_config
+from interp.dictionary import io
+from interp.dictionary.metrics import metrics_table, reconstruction_metrics, splice_metrics
+from interp.dictionary.sae import DictionaryConfig, SparseDictionary, jumprelu_l0
+from interp.errors import InputError, TrainingError
+from interp.paths import atomic_directory, interp_home
+from interp.store import ActivationStore, HarvestConfig, harvest
+
+
+@dataclass
+class TrainConfig:
+    model: str = opt("smollm2-135m", "embedded name, HF folder or hub id; 'none' trains on an existing --store alone")
+    layer: int = opt(12, "layer of the site (ignored when --site is a full name)")
+    site: str = opt("resid_post", "input site: short kind (resid_post, mlp_out, ln2...) or full name")
+    output_site: str = opt("", "transcoders: the output site (e.g. mlp_out); empty for an SAE")
+    architecture: str = opt("topk", "topk, batchtopk, jumprelu or relu")
+    k: str = opt("32", "active latents per token; a comma-separated list trains a sweep in lockstep")
+    latents: int = opt(8192, "dictionary size")
+    tokens: int = opt(2_000_000, "training tokens (e.g. 500k, 2M)", parse=parse_count)
+    corpus: str = opt("shakespeare", "corpus to harvest from when the store does not exist yet")
+    store: Path | None = opt(None, "activation store (default: one per model/corpus/sites under the cache dir)")
+    out: Path = opt(Path("runs/sae"), "output folder")
+    batch_size: int = opt(4096, "tokens per step")
+    lr: float = opt(0.0, "Adam learning rate; 0 = 2e-4 / sqrt(latents / 16384)")
+    warmup_steps: int = opt(50, "linear learning-rate warm-up")
+    decay_fraction: float = opt(0.2, "fraction of steps at the end with linear decay to 0")
+    auxk_coefficient: float = opt(1 / 32, "weight of the AuxK loss (topk / batchtopk)")
+    auxk_dead_tokens: int = opt(0, "tokens without firing after which AuxK treats a latent as dead; 0 = min(10M, tokens/8)", parse=parse_count)
+    dead_window: int = opt(10_000_000, "a latent is dead if it did not fire in this many final tokens (or the whole run)", parse=parse_count)
+    normalize_input: bool = opt(True, "scale inputs to E||x||^2 = d (folded into the weights on export)")
+    b_dec_init: str = opt("mean", "b_dec initialisation: mean, median (geometric) or zero")
+    compute_dtype: str = opt("auto", "encoder matmul dtype: auto (bfloat16 where the CPU has it natively), float32, bfloat16")
+    eval_tokens: int = opt(65_536, "held-out store rows for the reconstruction metrics", parse=parse_count)
+    eval_contexts: int = opt(32, "held-out contexts for the spliced-CE metrics (0 to skip)")
+    checkpoint_every: int = opt(100, "steps between checkpoints")
+    resume: bool = opt(False, "continue the run in --out from its last checkpoint")
+    seed: int = opt(0, "seed for initialisation and data order")
+    context_len: int = opt(128, "context length when harvesting")
+    l1_coefficient: float = opt(1e-3, "relu: L1 weight")
+    l0_coefficient: float = opt(1e-3, "jumprelu: L0 weight")
+    device: str = opt("cpu", "device")
+
+    def __post_init__(self) -> None:
+        self.tokens = parse_count(self.tokens)
+        self.eval_tokens = parse_count(self.eval_tokens)
+        self.auxk_dead_tokens = parse_count(self.auxk_dead_tokens)
+        self.dead_window = parse_count(self.dead_window)
+        self.out = Path(self.out)
+        self.store = Path(self.store) if self.store else None
+
+    def ks(self) -> list[int]:
+        try:
+            values = [int(v) for v in str(self.k).split(",") if v.strip()]
+        except ValueError:
+            raise InputError(f"k={self.k!r}: give an integer or a comma-separated list of integers") from None
+        if not values:
+            raise InputError("k is empty")
+        return values
+
+
+@dataclass
+class TranscoderTrainConfig(TrainConfig):
+    """The same job with transcoder defaults: the MLP's input (ln2 output) -> the MLP's output."""
+
+    site: str = opt("ln2", "input site: short kind or full name")
+    output_site: str = opt("mlp_out", "output site: short kind or full name")
+    out: Path = opt(Path("runs/transcoder"), "output folder")
+
+
+def resolve_site(model: Any, site: str, layer: int) -> str:
+    """A full site name from a short kind (``resid_post`` + layer) or a full name."""
+    return model.site_table.check(site) if "." in site or site in model.site_table else model.site(site, layer)
+
+
+def default_store(config: TrainConfig, sites: list[str], model_name: str) -> Path:
+    tag = "+".join(s.replace("blocks.", "L").replace(".hook_", ".").replace("hook_", "") for s in sites)
+    return interp_home() / "stores" / f"{model_name}-{config.corpus.replace('/', '_')}-{tag}-{config.tokens + config.eval_tokens}-ctx{config.context_len}"
+
+
+class Trainer:
+    """The state of one run: dictionaries, optimizers, counters, the data position."""
+
+    def __init__(self, config: TrainConfig, *, model: Any = None, progress: bool = True):
+        from interp.models import load_model
+
+        self.config = c = config
+        self.progress = progress
+        if model is None and c.model == "none":  # activations from elsewhere: sites are store names
+            if c.store is None:
+                raise InputError("--model none needs an existing --store")
+            self.model, self.in_site, self.out_site = None, c.site, c.output_site or c.site
+        else:
+            self.model = model if model is not None else load_model(c.model, device=c.device)
+            self.in_site = resolve_site(self.model, c.site, c.layer)
+            self.out_site = resolve_site(self.model, c.output_site, c.layer) if c.output_site else self.in_site
+        self.sites = [self.in_site] if self.out_site == self.in_site else [self.in_site, self.out_site]
+        self.store = self._open_store()
+        n = self.store.n_rows
+        self.train_rows = (0, n - c.eval_tokens)
+        if self.train_rows[1] < c.batch_size:
+            raise InputError(f"the store has {n:,} rows: too few for {c.eval_tokens:,} held-out rows plus one batch of {c.batch_size}")
+        self.steps = c.tokens // c.batch_size  # more tokens than training rows: further epochs
+        self.auxk_dead = c.auxk_dead_tokens or min(10_000_000, max(c.tokens // 8, c.batch_size))
+        self.lr = c.lr or 2e-4 / math.sqrt(c.latents / 2**14)
+        self.dictionaries = {self._name(k): self._new_dictionary(k) for k in c.ks()}
+        params = {name: list(d.parameters()) for name, d in self.dictionaries.items()}
+        self.optimizers = {name: torch.optim.Adam(p, lr=self.lr, fused=True) for name, p in params.items()}
+        self.since_fired = {name: torch.zeros(c.latents, dtype=torch.long) for name in self.dictionaries}
+        self.loader = self.store.batches(self.sites, c.batch_size, shuffle=True, seed=c.seed, rows=self.train_rows, drop_last=True)
+        self.step = 0
+        self.train_seconds = 0.0
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------ set-up
+    def _name(self, k: int) -> str:
+        c = self.config
+        kind = "transcoder" if self.out_site != self.in_site else "sae"
+        return f"{kind}-{c.architecture}-k{k}-{c.latents}" if c.architecture in ("topk", "batchtopk") else f"{kind}-{c.architecture}-{c.latents}"
+
+    def _open_store(self) -> ActivationStore:
+        c = self.config
+        if self.model is None:
+            store = ActivationStore(c.store)
+            for site in self.sites:
+                store.check_site(site)
+            return store
+        path = c.store or default_store(c, self.sites, self.model.cfg.name)
+        if not (path / "manifest.json").exists() or not ActivationStore(path).complete:
+            harvest(HarvestConfig(out=path, model=c.model, sites=",".join(self.sites), corpus=c.corpus,
+                                  tokens=c.tokens + c.eval_tokens, context_len=c.context_len, device=c.device),
+                    model=self.model, progress=self.progress)
+        store = ActivationStore(path)
+        for site in self.sites:
+            store.check_site(site)
+        if store.manifest["model"]["name"] != self.model.cfg.name:
+            raise InputError(f"{path} was harvested from {store.manifest['model']['name']}, not {self.model.cfg.name}")
+        return store
+
+    def _new_dictionary(self, k: int) -> SparseDictionary:
+        c = self.config
+        dc = DictionaryConfig(
+            d_in=self.store.d(self.in_site), d_out=self.store.d(self.out_site), n_latents=c.latents,
+            architecture=c.architecture, k=k, input_site=self.in_site,
+            output_site="" if self.out_site == self.in_site else self.out_site,
+            model=c.model if self.model is not None else self.store.manifest["model"]["name"],  # a spec load_model takes
+            l1_coefficient=c.l1_coefficient, l0_coefficient=c.l0_coefficient,
+        )
+        d = SparseDictionary(dc, seed=c.seed)
+        d.compute_dtype = _compute_dtype(c.compute_dtype)
+        self._initialise(d)
+        return d
+
+    @torch.no_grad()
+    def _initialise(self, d: SparseDictionary) -> None:
+        """Input scales and b_dec from a fixed sample of training rows."""
+        c = self.config
+        sample_rows = init_sample_rows(self.train_rows[1], c.seed)
+        batch = {site: self.store.read(site, sample_rows) for site in self.sites}
+        _check_finite(batch, sample_rows, self.store)
+        x, y = batch[self.in_site], batch[self.out_site]
+        if c.normalize_input:
+            d.input_scale.fill_(math.sqrt(x.shape[1] / float(x.pow(2).sum(-1).mean())))
+            d.output_scale.fill_(float(d.input_scale) if y is x else math.sqrt(y.shape[1] / float(y.pow(2).sum(-1).mean())))
+        target = y * d.output_scale
+        if c.b_dec_init == "mean":
+            d.b_dec.copy_(target.mean(0))
+        elif c.b_dec_init == "median":
+            d.b_dec.copy_(geometric_median(target))
+        elif c.b_dec_init != "zero":
+            raise InputError(f"b_dec_init={c.b_dec_init!r}: choose mean, median or zero")
+
+    # ------------------------------------------------------------ training
+    def lr_at(self, step: int) -> float:
+        c = self.config
+        warm = min(1.0, (step + 1) / max(1, c.warmup_steps))
+        decay_start = int(self.steps * (1 - c.decay_fraction))
+        decay = 1.0 if step < decay_start else max(0.0, (self.steps - step) / max(1, self.steps - decay_start))
+        return self.lr * warm * decay
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+        x, y = batch[self.in_site], batch[self.out_site]
+        lr = self.lr_at(self.step)
+        stats = {name: step_dictionary(d, self.optimizers[name], x, y, self.since_fired[name], lr=lr,
+                                       auxk_dead=self.auxk_dead, auxk_coefficient=self.config.auxk_coefficient)
+                 for name, d in self.dictionaries.items()}
+        self.step += 1
+        return stats
+
+    def run(self) -> dict[str, dict[str, Any]]:
+        c = self.config
+        c.out.mkdir(parents=True, exist_ok=True)
+        write_config(c, c.out)
+        bar = tqdm(total=self.steps * c.batch_size, initial=self.step * c.batch_size, unit="tok", unit_scale=True,
+                   desc="train", disable=not self.progress, smoothing=0.1)
+        batches = self._batches()
+        start = time.perf_counter()
+        while self.step < self.steps:
+            rows, batch = next(batches)
+            _check_finite(batch, rows, self.store)
+            stats = self.train_step(batch)
+            first = next(iter(stats.values()))
+            bar.update(c.batch_size)
+            if self.step % 10 == 0 or self.step == self.steps:
+                bar.set_postfix_str(f"loss {first['loss']:.3f} fvu {first['fvu']:.3f} L0 {first['l0']:.1f} "
+                                    f"dead {self.dead_fraction(next(iter(stats))):.1%}")
+                self.history.append({"step": self.step, "tokens": self.step * c.batch_size, **{n: s for n, s in stats.items()}})
+            if self.step % c.checkpoint_every == 0 or self.step == self.steps:
+                self.save_checkpoint()
+        bar.close()
+        self.train_seconds = time.perf_counter() - start
+        return self.finish()
+
+    def _batches(self):
+        """(store rows, batch) pairs, epoch after epoch."""
+        while True:
+            for batch in self.loader:
+                yield self.loader.rows_of(self.loader.batch - 1), batch
+
+    def dead_fraction(self, name: str) -> float:
+        window = min(self.config.dead_window, self.step * self.config.batch_size)
+        return float((self.since_fired[name] >= max(window, 1)).double().mean())
+
+    # ----------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> None:
+        with atomic_directory(self.config.out / "checkpoint") as tmp:
+            for name, d in self.dictionaries.items():
+                tensors = {f"model.{k}": v.detach().contiguous() for k, v in d.state_dict().items()}
+                tensors.update(_optimizer_tensors(self.optimizers[name]))
+                tensors["since_fired"] = self.since_fired[name]
+                save_file(tensors, str(tmp / f"{name}.safetensors"))
+            state = {"step": self.step, "loader": self.loader.state_dict(), "history": self.history,
+                     "config": config_dict(self.config), "d_in": self.store.d(self.in_site), "lr": self.lr}
+            (tmp / "state.json").write_text(json.dumps(state))
+
+    def load_checkpoint(self) -> None:
+        folder = self.config.out / "checkpoint"
+        if not (folder / "state.json").exists():
+            raise InputError(f"--resume: {folder} holds no checkpoint")
+        state = json.loads((folder / "state.json").read_text())
+        if state["d_in"] != self.store.d(self.in_site):
+            raise InputError(f"--resume: the checkpoint has d_in={state['d_in']}, the site has {self.store.d(self.in_site)}")
+        saved = {k: v for k, v in state["config"].items() if k not in ("resume",)}
+        now = {k: v for k, v in config_dict(self.config).items() if k not in ("resume",)}
+        differ = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        if differ:
+            raise InputError(f"--resume: the settings differ from the checkpoint's: {differ}")
+        for name, d in self.dictionaries.items():
+            tensors = load_file(str(folder / f"{name}.safetensors"))
+            d.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            _load_optimizer_tensors(self.optimizers[name], tensors)
+            self.since_fired[name] = tensors["since_fired"].clone()
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.history = state["step"], state["history"]
+
+    # ------------------------------------------------------------ results
+    def finish(self) -> dict[str, dict[str, Any]]:
+        c = self.config
+        results = {}
+        held_out = (self.train_rows[1], self.store.n_rows)
+        contexts = None if self.model is None else held_out_contexts(self.store, held_out, c.eval_contexts, self.model.tokenizer)
+        for name, d in self.dictionaries.items():
+            d.eval()
+            metrics = {"tokens": self.step * c.batch_size, "train_seconds": self.train_seconds,
+                       "dead_fraction": self.dead_fraction(name), **reconstruction_metrics(d, self.store, held_out)}
+            if contexts is not None:
+                first = 1 if self.store.manifest["exclude_bos"] else 0
+                metrics.update(splice_metrics(self.model, d, contexts, first_position=first))
+            folder = c.out / name
+            io.save_dictionary(d, folder, metrics=metrics, store=str(self.store.root), held_out_rows=list(held_out),
+                               training={"steps": self.step, "lr": self.lr, "batch_size": c.batch_size})
+            if not (c.architecture == "topk" and d.config.is_transcoder):
+                io.export_saelens(d, folder / "saelens")
+            (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            results[name] = metrics
+        (c.out / "metrics.json").write_text(json.dumps(results, indent=1))
+        (c.out / "history.json").write_text(json.dumps(self.history))
+        return results
+
+
+def step_dictionary(d: SparseDictionary, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                    since_fired: torch.Tensor, *, lr: float, auxk_dead: int, auxk_coefficient: float) -> dict[str, float]:
+    """One optimisation step; ``since_fired`` (tokens since each latent last fired) is updated in place."""
+    d.train()
+    dead = since_fired >= auxk_dead
+    loss, info, fires = dictionary_loss(d, x, y, dead, auxk_coefficient)
+    if not torch.isfinite(loss):
+        raise TrainingError(f"the loss became {float(loss.detach())}: training diverged (try a lower --lr); "
+                            "the last checkpoint is unchanged")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    d.project_decoder_grad()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    d.normalize_decoder()
+    info["loss"] = float(loss.detach())
+    since_fired += x.shape[0]
+    since_fired[fires > 0] = 0
+    info["dead_auxk"] = float(dead.double().mean())
+    return info
+
+
+def dictionary_loss(d: SparseDictionary, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor, auxk_coefficient: float
+                    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+    """The training loss of one batch: FVU (+ AuxK / L1 / L0 by architecture); stats; fire counts."""
+    c = d.config
+    z = d.encoder_input(x)
+    code = d.encode_scaled(z, batch=True)
+    target = y.to(d.W_dec.dtype) * d.output_scale
+    error = target - d.decode_scaled(code)
+    total_var = (target - target.mean(0)).pow(2).sum()
+    fvu = error.pow(2).sum() / total_var
+    loss = fvu
+    info = {"fvu": float(fvu.detach()), "l0": float(code.l0().double().mean())}
+    if c.architecture in ("topk", "batchtopk") and bool(dead.any()):
+        dead_ids = dead.nonzero().squeeze(1)
+        k_aux = min(c.d_in // 2, dead_ids.numel())
+        scale = min(dead_ids.numel() / (c.d_in // 2), 1.0)
+        values, local = K.topk_encode(z, d.W_enc[dead_ids], d.b_enc[dead_ids], k_aux, compute_dtype=d.compute_dtype)
+        reconstruction = K.sparse_decode(values, local, d.W_dec[dead_ids])
+        auxk = scale * (reconstruction - error.detach()).pow(2).sum() / total_var
+        loss = loss + auxk_coefficient * auxk
+        info["auxk"] = float(auxk.detach())
+    elif c.architecture == "relu":
+        l1 = code.dense.sum(-1).mean()
+        loss = loss + c.l1_coefficient * l1
+        info["l1"] = float(l1.detach())
+    elif c.architecture == "jumprelu":
+        loss = loss + c.l0_coefficient * jumprelu_l0(d, z)
+    return loss, info, code.fire_counts(c.n_latents)
+
+
+def held_out_contexts(store: ActivationStore, rows: tuple[int, int], count: int, tokenizer: Any) -> torch.Tensor | None:
+    """Token ids of up to ``count`` whole contexts whose rows all lie in the held-out range."""
+    if count <= 0:
+        return None
+    table = store.rows(slice(*rows))
+    per_context = store.manifest["rows_per_context"]
+    ids, counts = np.unique(table[:, 0], return_counts=True)
+    whole = ids[counts == per_context][:count]
+    if not len(whole):
+        return None
+    out = []
+    for context in whole:
+        mine = table[table[:, 0] == context]
+        tokens = mine[np.argsort(mine[:, 1]), 2]
+        if store.manifest["exclude_bos"]:
+            tokens = np.concatenate([[tokenizer.bos_token_id], tokens])
+        out.append(tokens)
+    return torch.from_numpy(np.stack(out)).long()
+
+
+def init_sample_rows(n_train: int, seed: int) -> np.ndarray:
+    """The training rows (sorted) that set the input scales and b_dec."""
+    return np.sort(np.random.default_rng(seed).choice(n_train, min(16_384, n_train), replace=False))
+
+
+def geometric_median(points: torch.Tensor, iterations: int = 50) -> torch.Tensor:
+    """Weiszfeld's algorithm, started at the mean."""
+    median = points.mean(0)
+    for _ in range(iterations):
+        weights = 1 / (points - median).norm(dim=1).clamp_min(1e-8)
+        median = (weights[:, None] * points).sum(0) / weights.sum()
+    return median
+
+
+def _compute_dtype(name: str) -> torch.dtype | None:
+    if name == "auto":
+        return torch.bfloat16 if K.native_bfloat16() else None
+    if name in ("float32", "bfloat16"):
+        return None if name == "float32" else torch.bfloat16
+    raise InputError(f"compute_dtype={name!r}: choose auto, float32 or bfloat16")
+
+
+def _check_finite(batch: dict[str, torch.Tensor], rows: Any, store: ActivationStore) -> None:
+    for site, values in batch.items():
+        if not torch.isfinite(values).all():
+            bad = int((~torch.isfinite(values)).any(-1).nonzero()[0])
+            row = int(np.asarray(rows)[bad]) if not isinstance(rows, slice) else rows.start + bad
+            context, position = store.rows(np.array([row]))[0, :2]
+            raise InputError(
+                f"non-finite activation at {site}, store row {row} (context {context}, position {position}); "
+                "training stopped, the last checkpoint is unchanged"
+            )
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().clone().contiguous()
+    return out
+
+
+def _load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state = optimizer.state_dict()
+    restored: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            restored.setdefault(int(index), {})[name] = value
+    state["state"] = restored
+    optimizer.load_state_dict(state)
+
+
+def train(config: TrainConfig, *, model: Any = None, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Run (or resume) a training job; returns the metrics of every dictionary."""
+    trainer = Trainer(config, model=model, progress=progress)
+    checkpoint = config.out / "checkpoint"
+    if config.resume:
+        trainer.load_checkpoint()
+    elif checkpoint.exists():
+        raise InputError(f"{config.out} already holds a run; pass --resume to continue it or choose another --out")
+    return trainer.run()
+
+
+@dataclass
+class EvalConfig:
+    dictionary: Path = opt(help="a trained dictionary folder (e.g. runs/sae/sae-topk-k32-8192)", argument=True)
+    store: Path | None = opt(None, "store to evaluate on (default: the training store, its held-out rows)")
+    eval_contexts: int = opt(32, "held-out contexts for the spliced-CE metrics (0 to skip)")
+
+
+def evaluate(config: EvalConfig, *, model: Any = None) -> dict[str, Any]:
+    """Recompute the metrics of a saved dictionary on its held-out rows (or all rows of another store)."""
+    from interp.models import load_model
+
+    meta = io.read_meta(config.dictionary)
+    d = io.load_dictionary(config.dictionary)
+    store = ActivationStore(config.store or meta["store"])
+    rows = tuple(meta["held_out_rows"]) if config.store is None else (0, store.n_rows)
+    for site in {d.config.input_site, d.config.output_site or d.config.input_site}:
+        store.check_site(site)
+    if store.d(d.config.input_site) != d.config.d_in:
+        raise InputError(f"{store.root}: {d.config.input_site} has width {store.d(d.config.input_site)}, the dictionary reads {d.config.d_in}")
+    model = model if model is not None else load_model(d.config.model or store.manifest["model"]["name"])
+    metrics = reconstruction_metrics(d, store, rows)
+    contexts = held_out_contexts(store, rows, config.eval_contexts, model.tokenizer)
+    if contexts is not None:
+        metrics.update(splice_metrics(model, d, contexts, first_position=1 if store.manifest["exclude_bos"] else 0))
+    (Path(config.dictionary) / "eval.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+__all__ = ["EvalConfig", "TrainConfig", "Trainer", "TranscoderTrainConfig", "dictionary_loss", "evaluate", "metrics_table",
+           "step_dictionary", "train"]

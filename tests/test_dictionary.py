@@ -1,0 +1,279 @@
+"""SAEs and transcoders: learning, sparsity, AuxK, splicing, SAELens round trips, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from interp.dictionary import DictionaryConfig, SparseDictionary, TrainConfig, export_saelens, import_saelens, train
+from interp.dictionary.io import load_dictionary, save_dictionary
+from interp.dictionary.metrics import splice_metrics
+from interp.dictionary.train import Trainer, step_dictionary
+from interp.errors import InputError
+from interp.models import tiny_model
+from interp.store import write_arrays
+
+
+def sparse_data(n: int, d: int = 32, features: int = 64, active: int = 3, seed: int = 0):
+    """x = sum of `active` random unit features with positive coefficients; returns (x, features)."""
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.randn(features, d, generator=g)
+    truth /= truth.norm(dim=1, keepdim=True)
+    which = torch.rand(n, features, generator=g).argsort(-1)[:, :active]
+    coef = torch.rand(n, active, generator=g) + 0.5
+    return torch.einsum("na,nad->nd", coef, truth[which]), truth
+
+
+def fit(d: SparseDictionary, x: torch.Tensor, steps: int, *, lr: float = 3e-3, auxk_dead: int = 10**9, batch: int = 512, seed: int = 0):
+    optimizer = torch.optim.Adam(d.parameters(), lr=lr)
+    since = torch.zeros(d.config.n_latents, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        rows = torch.randint(0, x.shape[0], (batch,), generator=g)
+        step_dictionary(d, optimizer, x[rows], x[rows], since, lr=lr, auxk_dead=auxk_dead, auxk_coefficient=1 / 32)
+    return since
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_recovers_known_sparse_directions(architecture):
+    x, truth = sparse_data(20_000)
+    d = SparseDictionary(DictionaryConfig(d_in=32, n_latents=128, architecture=architecture, k=3), seed=1)
+    d.b_dec.data.copy_(x.mean(0))
+    fit(d, x, 1500, auxk_dead=2000)
+    cos = (truth @ d.W_dec.detach().T).max(dim=1).values  # best decoder row for each true feature
+    assert float((cos > 0.9).float().mean()) >= 0.95, cos.sort().values[:8]
+    with torch.no_grad():
+        fvu = (d(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert float(fvu) < 0.1
+
+
+@pytest.mark.parametrize("architecture", ["relu", "jumprelu"])
+def test_dense_architectures_learn(architecture):
+    x, _ = sparse_data(10_000, seed=2)
+    d = SparseDictionary(DictionaryConfig(d_in=32, n_latents=128, architecture=architecture, l1_coefficient=1e-3, l0_coefficient=1e-3), seed=1)
+    d.b_dec.data.copy_(x.mean(0))
+    with torch.no_grad():
+        before = (d(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    fit(d, x, 600)
+    with torch.no_grad():
+        after = (d(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        l0 = float(d.encode(x).l0().float().mean())
+    assert float(after) < 0.5 * float(before) and l0 < 128
+
+
+def test_topk_gives_exactly_k_active_latents():
+    d = SparseDictionary(DictionaryConfig(d_in=16, n_latents=200, k=7), seed=0)
+    d.b_enc.data.fill_(5.0)  # every pre-activation positive: exactly k must survive
+    code = d.encode(torch.randn(300, 16))
+    assert (code.l0() == 7).all()
+    d.b_enc.data.fill_(-100.0)  # nothing positive: none may fire
+    assert (d.encode(torch.randn(10, 16)).l0() == 0).all()
+
+
+def test_batchtopk_keeps_k_per_row_on_average_and_is_exact():
+    torch.manual_seed(0)
+    d = SparseDictionary(DictionaryConfig(d_in=16, n_latents=64, architecture="batchtopk", k=4), seed=0)
+    d.train()
+    x = torch.randn(50, 16)
+    x[0] *= 20  # one row with far larger activations than the others
+    code = d.encode(x)
+    dense = code.to_dense(64)
+    reference = torch.relu(d.pre_activations(d.encoder_input(x)))
+    kth = reference.flatten().topk(50 * 4).values[-1]
+    assert torch.equal(dense > 0, reference >= kth)
+    assert int(code.l0()[0]) > 4 * 4  # the big row takes many more than k
+
+
+def test_auxk_revives_dead_latents():
+    """64 true features, 64 latents, half of them too weak to ever reach the top k: they are dead,
+    and the live half cannot cover every feature. AuxK must bring most of them back."""
+    x, _ = sparse_data(8_000, seed=3)
+
+    def run(auxk_dead: int) -> tuple[int, float]:
+        d = SparseDictionary(DictionaryConfig(d_in=32, n_latents=64, k=3), seed=4)
+        d.b_dec.data.copy_(x.mean(0))
+        with torch.no_grad():
+            d.W_enc[:32] *= 0.01
+        since = fit(d, x, 400, auxk_dead=auxk_dead)
+        with torch.no_grad():
+            fvu = float((d(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+        return int((since >= 2000).sum()), fvu
+
+    (dead_without, fvu_without), (dead_with, fvu_with) = run(10**9), run(1000)
+    assert dead_without == 32 and dead_with <= 10, (dead_without, dead_with)
+    assert fvu_with < 0.6 * fvu_without
+
+
+def identity_dictionary(d_model: int) -> SparseDictionary:
+    """x = relu(x) - relu(-x): an exact dictionary of 2d latents."""
+    d = SparseDictionary(DictionaryConfig(d_in=d_model, n_latents=2 * d_model, architecture="relu"))
+    eye = torch.eye(d_model)
+    with torch.no_grad():
+        d.W_enc.copy_(torch.cat([eye, -eye]))
+        d.W_dec.copy_(torch.cat([eye, -eye]))
+        d.b_enc.zero_()
+        d.b_dec.zero_()
+    return d
+
+
+def test_splicing_an_identity_dictionary_leaves_the_loss_unchanged():
+    model = tiny_model("llama")
+    site = "blocks.0.hook_resid_post"
+    d = identity_dictionary(model.cfg.d_model)
+    d.config.input_site = site
+    tokens = model.tokenize(["the quick brown fox jumps over", "a lazy dog sleeps in the sun"]).ids
+    metrics = splice_metrics(model, d, tokens, first_position=1)
+    assert abs(metrics["ce_spliced"] - metrics["ce_clean"]) < 1e-5 and metrics["kl"] < 1e-6
+    assert metrics["ce_recovered"] == pytest.approx(1.0, abs=1e-3)
+
+
+def assert_same_outputs(ours: SparseDictionary, sae_lens_sae, x: torch.Tensor):
+    with torch.no_grad():
+        torch.testing.assert_close(sae_lens_sae(x), ours(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "relu", "jumprelu", "batchtopk"])
+def test_saelens_round_trip(tmp_path, architecture):
+    from sae_lens import SAE
+
+    torch.manual_seed(0)
+    config = DictionaryConfig(d_in=24, n_latents=96, architecture=architecture, k=5, input_site="blocks.0.hook_resid_post", model="tiny")
+    d = SparseDictionary(config, seed=3)
+    with torch.no_grad():
+        d.b_dec.normal_()
+        d.b_enc.normal_(0, 0.1)
+        d.input_scale.fill_(1.7)
+        d.output_scale.fill_(1.7)
+        d.threshold.fill_(0.05)
+    d.eval()
+    x = torch.randn(40, 24) * 2
+    folder = export_saelens(d, tmp_path / "export")
+    loaded = SAE.load_from_disk(str(folder))
+    assert_same_outputs(d, loaded, x)
+    back = import_saelens(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), d(x), rtol=1e-5, atol=1e-5)
+
+
+def test_transcoder_export_and_own_format(tmp_path):
+    from sae_lens import SAE
+
+    config = DictionaryConfig(d_in=16, d_out=20, n_latents=48, architecture="relu", input_site="a", output_site="b")
+    d = SparseDictionary(config, seed=1)
+    x = torch.randn(9, 16)
+    assert_same_outputs(d, SAE.load_from_disk(str(export_saelens(d, tmp_path / "tc"))), x)
+    save_dictionary(d, tmp_path / "own", note="hello")
+    again = load_dictionary(tmp_path / "own")
+    with torch.no_grad():
+        assert torch.equal(again(x), d(x))
+    with pytest.raises(InputError, match="width 16, but the site has width 32"):
+        load_dictionary(tmp_path / "own", d_in=32)
+    with pytest.raises(InputError, match="no TopK transcoder"):
+        export_saelens(SparseDictionary(DictionaryConfig(d_in=4, d_out=4, n_latents=8, k=2, input_site="a", output_site="b")), tmp_path / "x")
+    with pytest.raises(InputError, match="width 16"):
+        import_saelens(tmp_path / "tc", d_in=8)
+
+
+@pytest.fixture
+def synthetic_store(tmp_path):
+    x, _ = sparse_data(30_000, seed=5)
+    return write_arrays(tmp_path / "store", {"acts": x})
+
+
+def synthetic_config(store, out, **kw):
+    base = dict(model="none", store=store.root, site="acts", k="3", latents=64, tokens=24_576, batch_size=1024,
+                eval_tokens=4096, eval_contexts=0, checkpoint_every=6, out=out, warmup_steps=5, lr=3e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, synthetic_store):
+    full = train(synthetic_config(synthetic_store, tmp_path / "full"), progress=False)
+
+    class Stop(Exception):
+        pass
+
+    interrupted = Trainer(synthetic_config(synthetic_store, tmp_path / "cut"), progress=False)
+    real_step = interrupted.train_step
+
+    def step_then_die(batch):
+        if interrupted.step == 13:  # checkpoints at 6 and 12; killed inside step 14
+            raise Stop
+        return real_step(batch)
+
+    interrupted.train_step = step_then_die
+    with pytest.raises(Stop):
+        interrupted.run()
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())["step"] == 12
+    with pytest.raises(InputError, match="--resume"):
+        train(synthetic_config(synthetic_store, tmp_path / "cut"), progress=False)
+    resumed = train(synthetic_config(synthetic_store, tmp_path / "cut", resume=True), progress=False)
+    name = next(iter(full))
+    a, b = load_dictionary(tmp_path / "full" / name), load_dictionary(tmp_path / "cut" / name)
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    history = [json.loads((tmp_path / run / "history.json").read_text()) for run in ("full", "cut")]
+    assert history[0] == history[1]
+    assert resumed[name]["fvu"] == full[name]["fvu"]
+
+
+def test_bad_input(tmp_path, synthetic_store):
+    with pytest.raises(InputError, match="not in the store"):
+        train(synthetic_config(synthetic_store, tmp_path / "a", site="other"), progress=False)
+    train(synthetic_config(synthetic_store, tmp_path / "b", tokens=8192), progress=False)
+    y, _ = sparse_data(30_000, d=40, seed=6)
+    wider = write_arrays(tmp_path / "wider", {"acts": y})
+    with pytest.raises(InputError, match="d_in=32.*40"):
+        train(synthetic_config(wider, tmp_path / "b", tokens=8192, resume=True), progress=False)
+    with pytest.raises(InputError, match="k=0"):
+        DictionaryConfig(d_in=4, n_latents=8, k=0)
+
+
+def test_non_finite_activations_stop_training_and_keep_the_checkpoint(tmp_path):
+    from interp.dictionary.train import init_sample_rows
+
+    x, _ = sparse_data(30_000, seed=7)
+    bad = next(r for r in range(20_000, 25_000) if r not in set(init_sample_rows(30_000 - 4096, 0).tolist()))
+    x[bad, 3] = float("nan")  # a training row that the initialisation sample does not read
+    store = write_arrays(tmp_path / "nan", {"acts": x})
+    config = synthetic_config(store, tmp_path / "run", checkpoint_every=2)
+    trainer = Trainer(config, progress=False)
+    saved = {}
+    real_save = trainer.save_checkpoint
+
+    def save_and_remember():
+        real_save()
+        saved.update({p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoint").iterdir()})
+
+    trainer.save_checkpoint = save_and_remember
+    with pytest.raises(InputError, match=f"non-finite activation at acts, store row {bad}"):
+        trainer.run()
+    assert saved and {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoint").iterdir()} == saved
+
+
+def test_non_finite_rows_in_the_initialisation_sample_are_reported(tmp_path):
+    x, _ = sparse_data(10_000, seed=8)
+    x[:, 0] = float("inf")
+    store = write_arrays(tmp_path / "inf", {"acts": x})
+    with pytest.raises(InputError, match="non-finite activation at acts, store row 0"):
+        Trainer(synthetic_config(store, tmp_path / "run"), progress=False)
+
+
+def test_training_from_the_model_end_to_end(tmp_path):
+    """Harvest + train + evaluate + export on a tiny model, through the same path as the CLI."""
+    model = tiny_model("llama")
+    corpus = tmp_path / "text.txt"
+    rng = np.random.default_rng(0)
+    corpus.write_text(" ".join(rng.choice(["red", "green", "blue", "sky", "sea", "stone", "light"], 40_000)))
+    config = TrainConfig(model="tiny:llama", layer=1, site="resid_post", k="4,8", latents=128, tokens=20_480,
+                         batch_size=1024, eval_tokens=4096, eval_contexts=4, corpus=str(corpus),
+                         store=tmp_path / "store", out=tmp_path / "run", context_len=64)
+    results = train(config, model=model, progress=False)
+    assert set(results) == {"sae-topk-k4-128", "sae-topk-k8-128"}
+    for name, metrics in results.items():
+        assert metrics["l0"] == pytest.approx(float(name.split("-k")[1].split("-")[0]))
+        assert 0 < metrics["fvu"] < 1 and np.isfinite(metrics["ce_spliced"]) and metrics["ce_tokens"] == 4 * 62
+        assert (tmp_path / "run" / name / "saelens" / "cfg.json").exists()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["k"] == "4,8"
