@@ -19,7 +19,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 run: setup
-	$(BIN)/interp cache --model smollm2-135m --prompt "The capital of France is"
+	rm -rf runs/quickstart  # a fresh run each time; the activation store in the cache dir is reused
+	$(BIN)/interp train-sae --model smollm2-135m --layer 6 --site resid_post --k 32 --latents 8192 --tokens 400k --out runs/quickstart
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import typer
 
 from interp.config import opt, write_config
-from interp.errors import InterpError
+from interp.errors import InputError, InterpError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="interp: a mechanistic-interpretability workbench")
 store_app = typer.Typer(no_args_is_help=True, help="Inspect and check activation stores.")
@@ -263,6 +263,49 @@ def features_cmd(config: FeaturesConfig) -> None:
         sections.append(latent_section(latent, examples, summary))
     page = write_dashboard(config.out or config.dictionary / "features.html", sections, f"{config.dictionary.name}: top activations")
     typer.echo(f"\nwrote {page}")
+
+
+@dataclass
+class PatchConfig:
+    task: str = opt("ioi", "ioi or factual")
+    method: str = opt("activation", "activation, attribution or relp")
+    model: str = opt("smollm2-135m", "embedded name, HF folder or hub id")
+    n: int = opt(8, "prompt pairs")
+    template: int = opt(0, "ioi: which template")
+    kinds: str = opt("resid_pre,attn_out,mlp_out", "site kinds to patch (z for attention heads)")
+    heads: bool = opt(False, "patch attention heads (kind z) one by one")
+    per_position: bool = opt(True, "one cell per position (else all positions at once)")
+    direction: str = opt("denoising", "denoising (clean into corrupt) or noising")
+    rules: str = opt("ln,identity,half", "relp: LRP rules (ln, identity, half, attention; all; none)")
+    seed: int = opt(0, "seed for the prompt pairs")
+    out: Path = opt(Path("runs/patch"), "folder for config.json, cells.csv and heatmap.html")
+
+
+@command(PatchConfig, "patch")
+def patch_cmd(config: PatchConfig) -> None:
+    """Activation, attribution or relevance patching on a built-in task; table, heatmap and timing."""
+    from interp.models import load_model
+    from interp.patching import TASKS, Rules, activation_patching, attribution_patching
+
+    if config.task not in TASKS or config.method not in ("activation", "attribution", "relp"):
+        raise InputError(f"--task must be one of {', '.join(TASKS)} and --method one of activation, attribution, relp")
+    model = load_model(config.model)
+    kwargs = {"template": config.template} if config.task == "ioi" else {}
+    task = TASKS[config.task](model, config.n, seed=config.seed, **kwargs)
+    typer.echo(task.summary())
+    kinds = [k.strip() for k in config.kinds.split(",") if k.strip()]
+    common = dict(direction=config.direction, per_position=config.per_position, heads=config.heads)
+    if config.method == "activation":
+        result = activation_patching(model, task, kinds, **common)
+    else:
+        rules = Rules.parse(config.rules) if config.method == "relp" else None
+        result = attribution_patching(model, task, kinds, rules=rules, **common)
+    write_config(config, config.out)
+    result.table.to_csv(config.out / "cells.csv", index=False)
+    result.heatmap().write_html(config.out / "heatmap.html", include_plotlyjs="cdn")
+    top = result.table.reindex(result.table.score.abs().sort_values(ascending=False).index).head(10)
+    typer.echo(top[["kind", "layer", "position", "head", "score"]].to_string(index=False))
+    typer.echo(f"{len(result.table)} cells in {result.seconds:.1f} s; wrote {config.out}/cells.csv and heatmap.html")
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,6 +33,8 @@ from pathlib import Path
 import torch
 
 warnings.filterwarnings("ignore")
+# sparsify picks a Triton decoder whenever triton is installed, CUDA or not; on a CPU use its eager one.
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "0" if torch.cuda.is_available() else "1")
 RESULTS = Path(__file__).resolve().parents[2] / "runs" / "bench"
 D, LATENTS, K, TOKENS = 768, 16384, 32, 4096
 
@@ -114,15 +117,22 @@ def time_case(make, dtype: torch.dtype, repeats: int) -> list[float]:
 
 
 def peak_memory(kind: str) -> float:
-    """Peak resident MB of one encoder+TopK forward/backward, measured in a fresh process."""
+    """Peak resident MB added by one encoder+TopK forward/backward, measured in a fresh process.
+
+    The kernel's high-water mark (VmHWM) is reset after the inputs exist (Linux: clear_refs 5),
+    so the figure is the step's own peak above the inputs.
+    """
     code = f"""
-import resource, torch
+import torch
 import interp_kernels as K
+def status(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
 x = torch.randn({TOKENS}, {D}); W = (torch.randn({LATENTS}, {D}) / {D}**0.5).requires_grad_(); b = torch.zeros({LATENTS}, requires_grad=True)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+open("/proc/self/clear_refs", "w").write("5")
+before = status("VmRSS:")
 values, _ = K.topk_encode(x, W, b, {K}, backend={kind!r})
 values.sum().backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+print((status("VmHWM:") - before) / 1024)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])

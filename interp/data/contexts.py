@@ -97,8 +97,6 @@ def token_contexts(
 
 def _stream(corpus: Corpus, tokenizer: Any, eos: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The tokenized corpus as one stream; cached in the cache dir by corpus and tokenizer digest."""
-    from interp.store.format import tokenizer_digest
-
     key = hashlib.sha256(f"{corpus.digest}:{tokenizer_digest(tokenizer)}:{eos}".encode()).hexdigest()[:24]
     path = interp_home() / "tokens" / f"{key}.npz"
     if path.is_file():
@@ -113,6 +111,15 @@ def _stream(corpus: Corpus, tokenizer: Any, eos: int | None) -> tuple[np.ndarray
     np.savez(tmp, tokens=stream[0], doc_ids=stream[1], doc_positions=stream[2])
     os.replace(tmp, path)
     return stream
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """sha256 of the tokenizer's full definition (fast tokenizers) or of its vocabulary."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _tokenize(corpus: Corpus, tokenizer: Any, eos: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

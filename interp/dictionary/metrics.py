@@ -41,7 +41,7 @@ def reconstruction_metrics(
     in_site, out_site = c.input_site, c.output_site or c.input_site
     sites = [in_site] if out_site == in_site else [in_site, out_site]
     n = 0
-    sq_err = y_sum = y_sq = cos_sum = l0_sum = 0.0
+    sq_err = y_sq = cos_sum = l0_sum = 0.0
     y_sum_vec = None
     fires = torch.zeros(c.n_latents, dtype=torch.long)
     dictionary.eval()

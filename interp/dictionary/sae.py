@@ -19,7 +19,7 @@ gradients only at the selected latents.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -197,9 +197,6 @@ class SparseDictionary(nn.Module):
         self.b_dec /= self.output_scale
         self.input_scale.fill_(1.0)
         self.output_scale.fill_(1.0)
-
-    def describe(self) -> dict[str, Any]:
-        return {**asdict(self.config), "parameters": sum(p.numel() for p in self.parameters())}
 
 
 def _threshold(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

@@ -188,7 +188,9 @@ def pattern_attention(
         scores = scores + attention_mask[..., : keys.shape[-2]]
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     edited = pattern
-    for fn in list(_pattern_hooks.get(module, {}).values()):
+    hooks = list(_pattern_hooks.get(module, {}).values())
+    frozen = any(fn is _freeze_pattern for fn in hooks)
+    for fn in hooks:
         new = fn(edited)
         if new is not None:
             edited = new
@@ -200,6 +202,19 @@ def pattern_attention(
         original = ALL_ATTENTION_FUNCTIONS.get_interface(_pattern_users[id(module.config)][1], family_eager)
         if original is not None:
             out = original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)[0]
+            if frozen:  # same values; the gradient flows through the values only
+                linear = torch.matmul(pattern.detach(), values).transpose(1, 2).contiguous()
+                out = out.detach() + (linear - linear.detach())
             return out, pattern
-    edited = nn.functional.dropout(edited, p=dropout, training=module.training)
+    edited = nn.functional.dropout(edited.detach() if frozen else edited, p=dropout, training=module.training)
     return torch.matmul(edited, values).transpose(1, 2).contiguous(), edited
+
+
+def _freeze_pattern(_pattern: torch.Tensor) -> None:
+    """Marker hook: hold the pattern constant in the backward pass (see ``stop_pattern_gradient``)."""
+    return None
+
+
+def stop_pattern_gradient(attn: nn.Module, config: Any) -> RemovableHandle:
+    """Until removed, ``attn`` passes no gradient through its attention pattern (values unchanged)."""
+    return _PatternHandle(attn, config, _freeze_pattern)  # type: ignore[return-value]

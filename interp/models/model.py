@@ -58,6 +58,29 @@ class Tokens:
         return torch.ones_like(self.ids, dtype=torch.bool) if self.mask is None else self.mask.bool()
 
 
+@dataclass
+class PastKeys:
+    """Every layer's attention keys and values from one run, to continue runs after a shared prefix."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    seq_dim: int  # the position dimension of the backend's layout
+
+    @property
+    def length(self) -> int:
+        return int(self.keys[0].shape[self.seq_dim])
+
+    def take(self, rows: torch.Tensor, length: int) -> PastKeys:
+        """The first ``length`` positions of prompts ``rows``."""
+        cut = [slice(None)] * self.keys[0].ndim
+        cut[self.seq_dim] = slice(0, length)
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t[rows][tuple(cut)]
+
+        return PastKeys([pick(k) for k in self.keys], [pick(v) for v in self.values], self.seq_dim)
+
+
 class Model:
     """A language model with TransformerLens-style named sites. Build it with ``load_model``."""
 
@@ -170,6 +193,31 @@ class Model:
     def _logits(self, tokens: Tokens) -> torch.Tensor:
         raise NotImplementedError
 
+    def forward_from(self, layer: int, resid: torch.Tensor, tokens: Tokens, *, last_only: bool = False,
+                     past: PastKeys | None = None) -> torch.Tensor:
+        """Logits of running blocks ``layer..`` on ``resid`` (= blocks.{layer}.hook_resid_pre), skipping the rest.
+
+        ``tokens`` give the attention mask. Interventions active in ``intervene`` apply (from
+        ``blocks.{layer}.hook_resid_pre`` on). ``last_only`` computes the last position's logits
+        only. With ``past`` (keys and values of the first ``past.length`` positions, from
+        ``past_keys``), ``resid`` holds only the positions after them: in a causal model nothing
+        before a change needs recomputing.
+        """
+        if not 0 <= layer < self.cfg.n_layers:
+            raise InputError(f"layer {layer} out of range 0..{self.cfg.n_layers - 1}")
+        return self._forward_from(layer, resid, tokens, last_only, past)
+
+    def _forward_from(self, layer: int, resid: torch.Tensor, tokens: Tokens, last_only: bool, past: PastKeys | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def past_keys(self, inputs: TokenInput) -> PastKeys:
+        """Keys and values of every layer for ``inputs`` (one forward pass, no gradients)."""
+        with torch.no_grad():
+            return self._past_keys(self.tokenize(inputs))
+
+    def _past_keys(self, tokens: Tokens) -> PastKeys:
+        raise NotImplementedError
+
     def loss(self, inputs: TokenInput, *, per_token: bool = False, **kwargs: Any) -> torch.Tensor:
         """Next-token cross-entropy in nats: the mean over real tokens, or [batch, pos-1]."""
         tokens = self.tokenize(inputs, **kwargs)
@@ -254,6 +302,40 @@ class HFModel(Model):
     def _logits(self, tokens: Tokens) -> torch.Tensor:
         return self.module(input_ids=tokens.ids, attention_mask=tokens.mask, use_cache=False).logits
 
+    def _past_keys(self, tokens: Tokens) -> PastKeys:
+        cache = self.module(input_ids=tokens.ids, attention_mask=tokens.mask, use_cache=True).past_key_values
+        return PastKeys([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], seq_dim=2)
+
+    def _forward_from(self, layer: int, resid: torch.Tensor, tokens: Tokens, last_only: bool, past: PastKeys | None) -> torch.Tensor:
+        # The model's own forward on a shortened layer list: embeddings are bypassed with
+        # inputs_embeds, so everything else (rotary positions, masks, final norm) is its own code.
+        # Attention modules keep their layer_idx, so a cache holding every layer lines up.
+        from transformers import DynamicCache
+
+        parent_path, _, name = self.arch.layers.rpartition(".")
+        parent = self.module.get_submodule(parent_path)
+        layers, config = getattr(parent, name), self.module.config
+        saved = {"num_hidden_layers": config.num_hidden_layers, "layer_types": getattr(config, "layer_types", None)}
+        start = past.length if past is not None else 0
+        inputs = resid
+        if self.arch.pos_embed:  # GPT-2 adds position embeddings to inputs_embeds itself
+            positions = torch.arange(start, start + resid.shape[1], device=resid.device)
+            inputs = resid - self.module.get_submodule(self.arch.pos_embed)(positions)
+        cache = DynamicCache(list(zip(past.keys, past.values, strict=True))) if past is not None else None
+        try:
+            setattr(parent, name, nn.ModuleList(list(layers)[layer:]))
+            config.num_hidden_layers = len(layers) - layer
+            if isinstance(saved["layer_types"], list):
+                config.layer_types = saved["layer_types"][layer:]
+            out = self.module(inputs_embeds=inputs, attention_mask=tokens.mask, past_key_values=cache,
+                              use_cache=cache is not None, logits_to_keep=1 if last_only else 0)
+        finally:
+            setattr(parent, name, layers)
+            config.num_hidden_layers = saved["num_hidden_layers"]
+            if isinstance(saved["layer_types"], list):
+                config.layer_types = saved["layer_types"]
+        return out.logits
+
     def _generate_ids(self, tokens: Tokens, max_new_tokens: int, temperature: float, top_p: float) -> torch.Tensor:
         from transformers import GenerationConfig
 
@@ -294,6 +376,26 @@ class TLModel(Model):
 
     def _logits(self, tokens: Tokens) -> torch.Tensor:
         return self.module(tokens.ids, attention_mask=tokens.mask)
+
+    def _past_keys(self, tokens: Tokens) -> PastKeys:
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        cache = TransformerLensKeyValueCache.init_cache(self.module.cfg, self.device, tokens.ids.shape[0])
+        mask = tokens.mask if tokens.mask is not None else torch.ones_like(tokens.ids)  # TL wants one with a cache
+        self.module(tokens.ids, attention_mask=mask, past_kv_cache=cache)
+        return PastKeys([e.past_keys for e in cache.entries], [e.past_values for e in cache.entries], seq_dim=1)
+
+    def _forward_from(self, layer: int, resid: torch.Tensor, tokens: Tokens, last_only: bool, past: PastKeys | None) -> torch.Tensor:
+        cache = None
+        if past is not None:
+            from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+            from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+            entries = [TransformerLensKeyValueCacheEntry(k, v) for k, v in zip(past.keys, past.values, strict=True)]
+            mask = torch.ones(resid.shape[0], past.length, dtype=torch.long, device=resid.device)
+            cache = TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask)
+        logits = self.module(resid, start_at_layer=layer, tokens=tokens.ids, attention_mask=tokens.mask, past_kv_cache=cache)
+        return logits[:, -1:] if last_only else logits
 
     def _generate_ids(self, tokens: Tokens, max_new_tokens: int, temperature: float, top_p: float) -> torch.Tensor:
         if tokens.mask is not None:

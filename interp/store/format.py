@@ -94,10 +94,3 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def tokenizer_digest(tokenizer: Any) -> str:
-    """sha256 of the tokenizer's full definition (fast tokenizers) or of its vocabulary."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(text.encode()).hexdigest()

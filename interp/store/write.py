@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from interp.config import config_dict, opt, parse_count
 from interp.data import TokenContexts, load_corpus, token_contexts
+from interp.data.contexts import tokenizer_digest
 from interp.errors import InputError
 from interp.store import format as fmt
 from interp.store.read import ActivationStore
@@ -75,7 +76,7 @@ def harvest(config: HarvestConfig, *, model: Any = None, progress: bool = True) 
     identity = {
         "model": model.cfg.name,
         "model_fingerprint": weights_fingerprint(model.module),
-        "tokenizer": fmt.tokenizer_digest(model.tokenizer),
+        "tokenizer": tokenizer_digest(model.tokenizer),
         "sites": widths,
         "dtype": config.dtype,
         "context_len": config.context_len,

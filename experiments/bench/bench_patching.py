@@ -1,0 +1,108 @@
+"""Patching benchmark (issue: patching suite).
+
+    python experiments/bench/bench_patching.py [--prompts 8] [--skip-embedded]
+
+Part 1, a TransformerLens model (random weights, 6 layers, d_model 256, 8 heads; byte tokens,
+8 prompt pairs of 24 tokens): the full activation-patching sweep (resid_pre, attn_out, mlp_out by
+layer x position) with transformer_lens.patching (one forward per cell) against interp's batched
+sweep, same metric; prints both times, the speed-up and the largest difference of any cell.
+
+Part 2, the embedded model (SmolLM2, IOI task): attribution patching, RelP (ln, identity and half
+rules) and the full activation-patching sweep over the same cells; prints the cost ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+RESULTS = Path(__file__).resolve().parents[2] / "runs" / "bench"
+
+
+def transformer_lens_part(prompts: int) -> dict:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import patching as tlp
+
+    from interp.models import wrap_module
+    from interp.models.tiny import TINY_VOCAB, byte_tokenizer
+    from interp.patching import activation_patching, pairs_task
+
+    cfg = HookedTransformerConfig(n_layers=6, d_model=256, n_ctx=64, d_head=32, n_heads=8, d_mlp=1024, d_vocab=TINY_VOCAB,
+                                  act_fn="gelu", normalization_type="LN", seed=0)
+    model = wrap_module(HookedTransformer(cfg), byte_tokenizer(), name="tl-6x256")
+    words = ["north", "south", "river", "stone", "light", "quiet", "ember", "cloud"]
+    clean = [f"{words[i % 8]} and {words[(i + 3) % 8]} went to the sea." [:24].ljust(24, ".") for i in range(prompts)]
+    corrupt = [text[:6] + ("X" if text[6] != "X" else "Y") + text[7:] for text in clean]
+    task = pairs_task(model, clean, corrupt, ["a"] * prompts, ["b"] * prompts)
+    kinds = ("resid_pre", "attn_out", "mlp_out")
+    ids = torch.arange(len(task))
+
+    def metric(logits):
+        return task.metric(logits[:, -1], ids).mean()
+
+    start = time.perf_counter()
+    _, clean_cache = model.module.run_with_cache(task.clean.ids)
+    with torch.no_grad():
+        expected = {
+            "resid_pre": tlp.get_act_patch_resid_pre(model.module, task.corrupt.ids, clean_cache, metric),
+            "attn_out": tlp.get_act_patch_attn_out(model.module, task.corrupt.ids, clean_cache, metric),
+            "mlp_out": tlp.get_act_patch_mlp_out(model.module, task.corrupt.ids, clean_cache, metric),
+        }
+    tl_seconds = time.perf_counter() - start
+    ours = activation_patching(model, task, kinds, progress=False)
+    diff = max(float((torch.from_numpy(ours.grid(k, "metric")).float() - expected[k].float()).abs().max()) for k in kinds)
+    cells = len(ours.table)
+    print(f"\nTransformerLens model (6 layers, d_model 256), {prompts} prompts x {task.clean.ids.shape[1]} tokens, {cells} cells")
+    print(f"transformer_lens.patching sweep {tl_seconds:8.2f} s")
+    print(f"interp batched sweep            {ours.seconds:8.2f} s   speed-up {tl_seconds / ours.seconds:.1f}x (target >= 10x)")
+    print(f"largest difference of any cell  {diff:.2e} (target <= 1e-5)")
+    return {"cells": cells, "transformer_lens_s": tl_seconds, "interp_s": ours.seconds, "speedup": tl_seconds / ours.seconds, "max_abs_diff": diff}
+
+
+def embedded_part(prompts: int) -> dict:
+    import interp
+    from interp.patching import Rules, activation_patching, attribution_patching, ioi_task
+
+    model = interp.load_model("smollm2-135m")
+    task = ioi_task(model, prompts)
+    print(f"\n{task.summary()}")
+    atp = attribution_patching(model, task)  # warm-up run, then timed runs
+    times = {"attribution patching": [], "RelP (ln, identity, half)": []}
+    for _ in range(3):
+        times["attribution patching"].append(attribution_patching(model, task).seconds)
+        times["RelP (ln, identity, half)"].append(attribution_patching(model, task, rules=Rules.parse("ln,identity,half")).seconds)
+    median = {k: sorted(v)[1] for k, v in times.items()}
+    sweep = activation_patching(model, task)
+    relp = median["RelP (ln, identity, half)"]
+    print(f"cells per method: {len(atp.table)}")
+    for name, seconds in median.items():
+        print(f"{name:32s} {seconds:8.2f} s")
+    print(f"{'activation patching sweep':32s} {sweep.seconds:8.2f} s")
+    print(f"RelP / attribution patching   = {relp / median['attribution patching']:.2f} (target <= 1.2)")
+    print(f"activation sweep / RelP       = {sweep.seconds / relp:.0f}x (target >= 20x)")
+    return {"task": task.summary(), "attribution_s": median["attribution patching"], "relp_s": relp, "sweep_s": sweep.seconds,
+            "relp_over_attribution": relp / median["attribution patching"], "sweep_over_relp": sweep.seconds / relp}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--skip-embedded", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS / "patching.json")
+    args = parser.parse_args()
+    results = {"transformer_lens": transformer_lens_part(args.prompts)}
+    if not args.skip_embedded:
+        results["embedded"] = embedded_part(args.prompts)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Patching: TransformerLens parity, invariants, RelP's forward identity and conservation, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import interp
+from interp.errors import InputError
+from interp.models import tiny_model
+from interp.patching import (Cell, Rules, activation_patching, attribution_patching, pairs_task, relevance_rules)
+
+
+def toy_task(model):
+    clean = ["The cat sat on the mat", "The dog ran to the bar"]  # byte tokens: 22 each
+    corrupt = ["The cat sat in the hat", "The dog ran by the sea"]
+    return pairs_task(model, clean, corrupt, ["x", "y"], ["q", "z"])
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama", n_layers=3)
+
+
+def test_clean_into_clean_has_no_effect(llama):
+    task = toy_task(llama)
+    same = dataclasses.replace(task, corrupt=task.clean, corrupt_value=task.clean_value)
+    result = activation_patching(llama, same, skip_identical=False, progress=False)  # every cell really runs
+    assert (result.table.metric - task.clean_value).abs().max() < 1e-5
+    for rules in (None, Rules.parse("all")):
+        assert (attribution_patching(llama, same, rules=rules).table.metric == task.clean_value).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "transformer_lens"])
+def test_patching_the_last_residual_recovers_the_clean_run(family):
+    model = tiny_model(family, n_layers=2)
+    task = toy_task(model)
+    last = model.cfg.n_layers - 1
+    cells = [Cell(model.site("resid_post", last), -1), Cell(model.site("resid_pre", 0), None)]
+    result = activation_patching(model, task, cells=cells, progress=False)
+    assert result.table.score.tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    noised = activation_patching(model, task, cells=cells, direction="noising", progress=False)
+    assert noised.table.score.tolist() == pytest.approx([0.0, 0.0], abs=1e-5)
+
+
+def test_batched_activation_patching_equals_transformer_lens():
+    from transformer_lens import patching as tlp
+
+    model = tiny_model("transformer_lens", n_layers=2)
+    task = toy_task(model)
+    prompts = torch.arange(len(task))
+    _, clean_cache = model.module.run_with_cache(task.clean.ids)
+
+    def metric(logits):
+        return task.metric(logits[:, -1], prompts).mean()
+
+    ours = activation_patching(model, task, kinds=("resid_pre", "attn_out", "mlp_out"), progress=False, batch_size=7)
+    expected = {
+        "resid_pre": tlp.get_act_patch_resid_pre(model.module, task.corrupt.ids, clean_cache, metric),
+        "attn_out": tlp.get_act_patch_attn_out(model.module, task.corrupt.ids, clean_cache, metric),
+        "mlp_out": tlp.get_act_patch_mlp_out(model.module, task.corrupt.ids, clean_cache, metric),
+    }
+    for kind, grid in expected.items():
+        torch.testing.assert_close(torch.from_numpy(ours.grid(kind, "metric")).float(), grid.float(), rtol=0, atol=1e-5)
+    heads = activation_patching(model, task, kinds=("z",), per_position=False, heads=True, progress=False)
+    tl_heads = tlp.get_act_patch_attn_head_out_all_pos(model.module, task.corrupt.ids, clean_cache, metric)
+    torch.testing.assert_close(torch.from_numpy(heads.grid("z", "metric")).float(), tl_heads.float(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "olmo", "transformer_lens"])
+def test_relp_rules_leave_the_forward_pass_bit_identical(family):
+    model = tiny_model(family, n_layers=2)
+    tokens = model.tokenize(["hello there world", "abc"])
+    plain = model(tokens)
+    with relevance_rules(model, Rules.parse("all")):
+        assert torch.equal(model(tokens), plain)
+    assert torch.equal(model(tokens), plain)
+
+
+def test_relevance_is_conserved_on_a_bias_free_network(llama):
+    assert not any("bias" in n for n, _ in llama.module.named_parameters())
+    tokens = llama.tokenize("conservation of relevance")
+    target = 7
+
+    def relevance(rules):
+        leaf = {}
+
+        def make_leaf(act):
+            leaf["x"] = act.detach().requires_grad_()
+            return leaf["x"]
+
+        with llama.intervene(interp.Apply("hook_embed", make_leaf)), (relevance_rules(llama, rules) if rules else torch.enable_grad()):
+            out = llama(tokens)[0, -1, target]
+            out.backward()
+        return float((leaf["x"] * leaf["x"].grad).sum()), float(out.detach())
+
+    total, out = relevance(Rules.parse("all"))
+    assert abs(total - out) < 1e-4 * max(1.0, abs(out))
+    plain_total, _ = relevance(None)
+    assert abs(plain_total - out) > 1e-3  # without the rules it is not conserved
+
+
+def test_relp_differs_from_attribution_and_rules_are_per_call(llama):
+    task = toy_task(llama)
+    atp = attribution_patching(llama, task)
+    relp = attribution_patching(llama, task, rules=Rules.parse("ln,identity,half"))
+    assert not (atp.table.metric == relp.table.metric).all()
+    again = attribution_patching(llama, task)  # no rule left behind
+    assert (again.table.metric == atp.table.metric).all()
+
+
+def test_bad_input(llama):
+    with pytest.raises(InputError, match="pair 0: the clean prompt has"):
+        pairs_task(llama, ["short"], ["a much longer prompt"], ["x"], ["y"])
+    with pytest.raises(InputError, match="not a single token"):
+        pairs_task(llama, ["abc"], ["abd"], ["xy"], ["z"])
+    with pytest.raises(InputError, match="one number per prompt"):
+        pairs_task(llama, ["abc"], ["abd"], ["x"], ["y"], metric=lambda logits, prompts: logits)
+    with pytest.raises(InputError, match="direction"):
+        activation_patching(llama, toy_task(llama), direction="sideways")
+    with pytest.raises(InputError, match="unknown rule"):
+        Rules.parse("ln,magic")
