@@ -10,7 +10,7 @@ import torch
 
 from interp.dictionary import DictionaryConfig, SparseDictionary, TrainConfig, export_saelens, import_saelens, train
 from interp.dictionary.io import load_dictionary, save_dictionary
-from interp.dictionary.metrics import splice_metrics
+from interp.dictionary.metrics import reconstruction_metrics, splice_metrics
 from interp.dictionary.train import Trainer, step_dictionary
 from interp.errors import InputError
 from interp.models import tiny_model
@@ -277,3 +277,19 @@ def test_training_from_the_model_end_to_end(tmp_path):
         assert 0 < metrics["fvu"] < 1 and np.isfinite(metrics["ce_spliced"]) and metrics["ce_tokens"] == 4 * 62
         assert (tmp_path / "run" / name / "saelens" / "cfg.json").exists()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["k"] == "4,8"
+
+
+def test_fvu_inliers_leaves_out_massive_rows(tmp_path):
+    x, _ = sparse_data(3000)
+    x[::1000] *= 500.0  # three massive rows, as SmolLM2's first token after BOS
+    store = write_arrays(tmp_path / "massive", {"acts": x})
+    d = SparseDictionary(DictionaryConfig(d_in=32, n_latents=64, k=3, input_site="acts"), seed=0)
+    metrics = reconstruction_metrics(d, store, (0, 3000), batch_size=1024)
+    with torch.no_grad():
+        y_hat = d(x)
+    keep = torch.ones(3000, dtype=torch.bool)
+    keep[::1000] = False
+    direct = float((x[keep] - y_hat[keep]).pow(2).sum() / (x[keep] - x[keep].mean(0)).pow(2).sum())
+    assert metrics["outlier_fraction"] == pytest.approx(3 / 3000)
+    assert metrics["fvu_inliers"] == pytest.approx(direct, rel=1e-6)
+    assert metrics["fvu"] != pytest.approx(direct, rel=1e-2)  # the massive rows dominate the plain FVU

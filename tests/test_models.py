@@ -169,7 +169,8 @@ def test_nnsight_sees_the_same_activations():
 
 @pytest.mark.embedded
 def test_embedded_model_knows_paris(embedded):
-    logits = embedded("The capital of France is")
+    with torch.no_grad():
+        logits = embedded("The capital of France is")
     probs = logits[0, -1].softmax(-1)
     top = int(probs.argmax())
     assert embedded.to_string([top]) == " Paris"

@@ -6,6 +6,10 @@ Definitions (all on held-out data; reported by every training run):
 - ``mse``: mean over tokens and dimensions of (y - y_hat)^2, in the model's scale.
 - ``fvu``: fraction of variance unexplained, sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 (the mean
   per dimension over the evaluation tokens); ``explained_variance`` = 1 - fvu.
+- ``fvu_inliers``: the same without the rows whose norm exceeds 10x the median norm, and
+  ``outlier_fraction``, the share of such rows. A few massive activations can hold most of the
+  variance (SmolLM2's first token after BOS, about 0.03% of rows, has ~180x the median norm at
+  layer 12), so a low ``fvu`` alone can flatter a dictionary.
 - ``cosine``: mean over tokens of cos(y, y_hat).
 - ``dense_1pct`` / ``dense_10pct``: fraction of latents firing on more than 1% / 10% of tokens.
 - ``ce_clean`` / ``ce_spliced`` / ``ce_zero``: next-token cross-entropy (nats) of the model, of the
@@ -26,6 +30,7 @@ import torch
 
 import interp
 from interp.dictionary.sae import SparseDictionary
+from interp.errors import InputError
 
 if TYPE_CHECKING:
     from interp.models.model import Model
@@ -36,40 +41,72 @@ if TYPE_CHECKING:
 def reconstruction_metrics(
     dictionary: SparseDictionary, store: ActivationStore, rows: tuple[int, int], *, batch_size: int = 4096,
 ) -> dict[str, float]:
-    """Reconstruction metrics over store rows ``rows = (start, stop)``."""
+    """Reconstruction metrics over store rows ``rows = (start, stop)``.
+
+    Besides the FVU over all rows, ``fvu_inliers`` leaves out rows whose norm exceeds
+    ``OUTLIER_FACTOR`` x the median norm (of the first batch): a handful of massive activations
+    (e.g. SmolLM2's first token after BOS) can hold most of the variance and flatter the FVU.
+    """
     c = dictionary.config
     in_site, out_site = c.input_site, c.output_site or c.input_site
     sites = [in_site] if out_site == in_site else [in_site, out_site]
     n = 0
-    sq_err = y_sq = cos_sum = l0_sum = 0.0
-    y_sum_vec = None
+    cos_sum = l0_sum = 0.0
+    sums = {"all": _VarianceSums(), "inliers": _VarianceSums()}
+    threshold = None
     fires = torch.zeros(c.n_latents, dtype=torch.long)
     dictionary.eval()
     for batch in store.batches(sites, batch_size, rows=rows):
         x, y = batch[in_site], batch[out_site]
         code = dictionary.encode(x)
         y_hat = dictionary.decode(code)
-        sq_err += float((y - y_hat).pow(2).sum())
-        y_sq += float(y.pow(2).sum())
-        y_sum_vec = y.sum(0) if y_sum_vec is None else y_sum_vec + y.sum(0)
+        norms = y.norm(dim=-1)
+        threshold = OUTLIER_FACTOR * float(norms.median()) if threshold is None else threshold
+        sums["all"].add(y, y_hat)
+        sums["inliers"].add(y[norms <= threshold], y_hat[norms <= threshold])
         cos_sum += float(torch.nn.functional.cosine_similarity(y, y_hat, dim=-1).sum())
         l0_sum += float(code.l0().sum())
         fires += code.fire_counts(c.n_latents)
         n += y.shape[0]
-    assert y_sum_vec is not None
-    total_var = y_sq - float(y_sum_vec.pow(2).sum()) / n  # sum ||y - mean||^2
+    if n == 0:
+        raise InputError(f"no rows to evaluate in {rows}")
     frequency = fires.double() / n
-    fvu = sq_err / total_var
+    fvu = sums["all"].fvu()
     return {
         "eval_tokens": n,
         "l0": l0_sum / n,
-        "mse": sq_err / (n * y.shape[1]),
+        "mse": sums["all"].sq_err / (n * y.shape[1]),
         "fvu": fvu,
         "explained_variance": 1 - fvu,
+        "fvu_inliers": sums["inliers"].fvu(),
+        "outlier_fraction": 1 - sums["inliers"].n / n,
         "cosine": cos_sum / n,
         "dense_1pct": float((frequency > 0.01).double().mean()),
         "dense_10pct": float((frequency > 0.10).double().mean()),
     }
+
+
+OUTLIER_FACTOR = 10.0
+
+
+class _VarianceSums:
+    """Running sums for FVU = sum ||y - y_hat||^2 / sum ||y - mean(y)||^2, in float64."""
+
+    def __init__(self) -> None:
+        self.n, self.sq_err, self.y_sq, self.y_sum = 0, 0.0, 0.0, None
+
+    def add(self, y: torch.Tensor, y_hat: torch.Tensor) -> None:
+        y64 = y.double()
+        self.n += y.shape[0]
+        self.sq_err += float((y64 - y_hat.double()).pow(2).sum())
+        self.y_sq += float(y64.pow(2).sum())
+        self.y_sum = y64.sum(0) if self.y_sum is None else self.y_sum + y64.sum(0)
+
+    def fvu(self) -> float:
+        if not self.n:
+            return float("nan")
+        total_var = self.y_sq - float(self.y_sum.pow(2).sum()) / self.n
+        return self.sq_err / total_var
 
 
 @torch.no_grad()

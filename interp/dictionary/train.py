@@ -176,7 +176,7 @@ class Trainer:
             l1_coefficient=c.l1_coefficient, l0_coefficient=c.l0_coefficient,
         )
         d = SparseDictionary(dc, seed=c.seed)
-        d.compute_dtype = _compute_dtype(c.compute_dtype)
+        d.compute_dtype = compute_dtype(c.compute_dtype)
         self._initialise(d)
         return d
 
@@ -394,7 +394,7 @@ def geometric_median(points: torch.Tensor, iterations: int = 50) -> torch.Tensor
     return median
 
 
-def _compute_dtype(name: str) -> torch.dtype | None:
+def compute_dtype(name: str) -> torch.dtype | None:
     if name == "auto":
         return torch.bfloat16 if K.native_bfloat16() else None
     if name in ("float32", "bfloat16"):

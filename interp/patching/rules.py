@@ -180,7 +180,7 @@ def _transformer_lens_mlp_rules(mlp: nn.Module, points: dict, layer: int, rules:
             return _surrogate(post, gate)
         linear = seen.pop("linear")
         product = 0.5 * (gate * linear.detach()) + 0.5 * (act.detach() * linear) if rules.half else gate * linear
-        return _surrogate(post, product + getattr(mlp, "b_in", 0))
+        return _surrogate(post, product)
 
     handles = [points[prefix + "hook_pre"].register_forward_hook(keep("pre"))]
     if prefix + "hook_pre_linear" in points:
