@@ -229,6 +229,9 @@ def test_bad_input(tmp_path, synthetic_store):
         train(synthetic_config(wider, tmp_path / "b", tokens=8192, resume=True), progress=False)
     with pytest.raises(InputError, match="k=0"):
         DictionaryConfig(d_in=4, n_latents=8, k=0)
+    exported = export_saelens(SparseDictionary(DictionaryConfig(d_in=32, n_latents=64, k=3, input_site="acts")), tmp_path / "sl")
+    with pytest.raises(InputError, match="40"):
+        import_saelens(exported, d_in=40)  # a model whose d_model is 40
 
 
 def test_non_finite_activations_stop_training_and_keep_the_checkpoint(tmp_path):
