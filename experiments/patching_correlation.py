@@ -54,7 +54,7 @@ def main() -> None:
     for name, result in [("activation", reference), ("attribution", results["attribution patching"]),
                          ("relp", results["RelP [ln,identity,half]"])]:
         result.table.to_csv(args.out / f"{name}.csv", index=False)
-        result.heatmap().write_html(args.out / f"{name}.html", include_plotlyjs="cdn")
+        result.heatmap().write_html(args.out / f"{name}.html", include_plotlyjs="directory")  # plotly.min.js beside it: works offline
     print(f"wrote {args.out}")
 
 

@@ -302,7 +302,7 @@ def patch_cmd(config: PatchConfig) -> None:
         result = attribution_patching(model, task, kinds, rules=rules, **common)
     write_config(config, config.out)
     result.table.to_csv(config.out / "cells.csv", index=False)
-    result.heatmap().write_html(config.out / "heatmap.html", include_plotlyjs="cdn")
+    result.heatmap().write_html(config.out / "heatmap.html", include_plotlyjs="directory")  # plotly.min.js beside it: works offline
     top = result.table.reindex(result.table.score.abs().sort_values(ascending=False).index).head(10)
     typer.echo(top[["kind", "layer", "position", "head", "score"]].to_string(index=False))
     typer.echo(f"{len(result.table)} cells in {result.seconds:.1f} s; wrote {config.out}/cells.csv and heatmap.html")

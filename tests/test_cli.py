@@ -43,3 +43,15 @@ def test_cache_quick_look_writes_its_outputs(embedded, tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["top_k"] == 3 and config["model"] == "smollm2-135m"
     assert (tmp_path / "logit_lens.csv").read_text().count("\n") == 31
+
+
+@pytest.mark.embedded
+def test_patch_writes_cells_and_an_offline_heatmap(embedded, tmp_path):
+    result = runner.invoke(app, ["patch", "--method", "relp", "--n", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "ioi[0]" in result.output and "cells in" in result.output
+    cells = (tmp_path / "cells.csv").read_text().splitlines()
+    assert cells[0].startswith("kind,layer,position") and len(cells) > 30 * 3
+    assert (tmp_path / "plotly.min.js").exists() and "cdn.plot.ly" not in (tmp_path / "heatmap.html").read_text()
+    bad = runner.invoke(app, ["patch", "--method", "exact", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "--method" in bad.output and "Traceback" not in bad.output
