@@ -79,17 +79,9 @@ def activation_patching(
     ``skip_identical=False`` runs even the cells whose patch changes nothing (a check of the engine).
     """
     start = time.perf_counter()
-    if direction not in ("denoising", "noising"):
-        raise InputError(f"direction {direction!r}: choose denoising (clean into corrupt) or noising (corrupt into clean)")
-    base, source = (task.corrupt, task.clean) if direction == "denoising" else (task.clean, task.corrupt)
+    base, source, cells = plan(model, task, direction, kinds, cells, per_position=per_position, heads=heads)
     n_prompts, n_positions = base.ids.shape
-    cells = list(cells) if cells is not None else sweep_cells(model, n_positions, kinds, per_position=per_position, heads=heads)
     infos = {c.site: model.site_table.info(c.site) for c in cells}
-    for cell in cells:
-        if cell.position is not None and not -n_positions <= cell.position < n_positions:
-            raise InputError(f"{cell}: position out of range for prompts of {n_positions} tokens")
-        if cell.head is not None and infos[cell.site].head_dim is None:
-            raise InputError(f"{cell}: {cell.site} has no head dimension")
     sites = list(dict.fromkeys(c.site for c in cells))
     layers = sorted({infos[s].layer for s in sites})
     starts = [model.site("resid_pre", layer) for layer in layers]
@@ -124,15 +116,37 @@ def activation_patching(
                 values[index, prompt] = value
             bar.update(len(chunk))
     bar.close()
-    mean = values.mean(1)
-    table = pd.DataFrame({
-        "kind": [infos[c.site].kind for c in cells], "layer": [infos[c.site].layer for c in cells],
-        "position": [-1 if c.position is None else c.position % n_positions for c in cells],
-        "head": [-1 if c.head is None else c.head for c in cells], "site": [c.site for c in cells],
-        "metric": mean.numpy(), "score": [float(task.normalise(float(v))) for v in mean],
-    })
+    table = cell_table(model, task, cells, values.mean(1).tolist())
     return PatchingResult("activation", direction, task.name, table, task.position_labels(model), task.clean_value,
                           task.corrupt_value, time.perf_counter() - start)
+
+
+def plan(model: Model, task: PatchingTask, direction: str, kinds: Sequence[str], cells: Sequence[Cell] | None, *,
+         per_position: bool, heads: bool) -> tuple[Tokens, Tokens, list[Cell]]:
+    """(base run, source run, checked cells) of a patching call."""
+    if direction not in ("denoising", "noising"):
+        raise InputError(f"direction {direction!r}: choose denoising (clean into corrupt) or noising (corrupt into clean)")
+    base, source = (task.corrupt, task.clean) if direction == "denoising" else (task.clean, task.corrupt)
+    n_positions = base.ids.shape[1]
+    cells = list(cells) if cells is not None else sweep_cells(model, n_positions, kinds, per_position=per_position, heads=heads)
+    for cell in cells:
+        if cell.position is not None and not -n_positions <= cell.position < n_positions:
+            raise InputError(f"{cell}: position out of range for prompts of {n_positions} tokens")
+        if cell.head is not None and model.site_table.info(cell.site).head_dim is None:
+            raise InputError(f"{cell}: {cell.site} has no head dimension")
+    return base, source, cells
+
+
+def cell_table(model: Model, task: PatchingTask, cells: list[Cell], metric: list[float]) -> pd.DataFrame:
+    """One row per cell: where it is, the metric (mean over prompts) and the normalised score."""
+    n_positions = task.clean.ids.shape[1]
+    infos = [model.site_table.info(c.site) for c in cells]
+    return pd.DataFrame({
+        "kind": [i.kind for i in infos], "layer": [i.layer for i in infos],
+        "position": [-1 if c.position is None else c.position % n_positions for c in cells],
+        "head": [-1 if c.head is None else c.head for c in cells], "site": [c.site for c in cells],
+        "metric": metric, "score": [float(task.normalise(m)) for m in metric],
+    })
 
 
 def _region(cell: Cell, info) -> tuple:

@@ -13,12 +13,10 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import pandas as pd
 import torch
 
 import interp
-from interp.errors import InputError
-from interp.patching.activation import DEFAULT_KINDS, Cell, sweep_cells
+from interp.patching.activation import DEFAULT_KINDS, Cell, cell_table, plan
 from interp.patching.result import PatchingResult
 from interp.patching.rules import Rules, relevance_rules
 
@@ -40,11 +38,7 @@ def attribution_patching(
 ) -> PatchingResult:
     """First-order patching estimates for every cell; ``rules`` turns attribution patching into RelP."""
     start = time.perf_counter()
-    if direction not in ("denoising", "noising"):
-        raise InputError(f"direction {direction!r}: choose denoising or noising")
-    base, source = (task.corrupt, task.clean) if direction == "denoising" else (task.clean, task.corrupt)
-    n_prompts, n_positions = base.ids.shape
-    cells = list(cells) if cells is not None else sweep_cells(model, n_positions, kinds, per_position=per_position, heads=heads)
+    base, source, cells = plan(model, task, direction, kinds, cells, per_position=per_position, heads=heads)
     sites = list(dict.fromkeys(c.site for c in cells))
     with torch.no_grad():
         src = model.run_with_cache(source, sites)
@@ -61,14 +55,7 @@ def attribution_patching(
         if cell.head is not None:
             index[info.head_dim] = cell.head
         estimates.append(float(contribution[tuple(index)].sum()))
-    metric = [base_value + e for e in estimates]
-    infos = [model.site_table.info(c.site) for c in cells]
-    table = pd.DataFrame({
-        "kind": [i.kind for i in infos], "layer": [i.layer for i in infos],
-        "position": [-1 if c.position is None else c.position % n_positions for c in cells],
-        "head": [-1 if c.head is None else c.head for c in cells], "site": [c.site for c in cells],
-        "metric": metric, "score": [float(task.normalise(m)) for m in metric],
-    })
+    table = cell_table(model, task, cells, [base_value + e for e in estimates])
     method = "attribution" if rules is None else "relp"
     return PatchingResult(method, direction, task.name, table, task.position_labels(model), task.clean_value,
                           task.corrupt_value, time.perf_counter() - start)
