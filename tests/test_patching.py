@@ -94,7 +94,7 @@ def test_relevance_is_conserved_on_a_bias_free_network(llama):
         with llama.intervene(interp.Apply("hook_embed", make_leaf)), (relevance_rules(llama, rules) if rules else torch.enable_grad()):
             out = llama(tokens)[0, -1, target]
             out.backward()
-        return float((leaf["x"] * leaf["x"].grad).sum()), float(out.detach())
+        return float((leaf["x"] * leaf["x"].grad).detach().sum()), float(out.detach())
 
     total, out = relevance(Rules.parse("all"))
     assert abs(total - out) < 1e-4 * max(1.0, abs(out))
