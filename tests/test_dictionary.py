@@ -296,3 +296,27 @@ def test_fvu_inliers_leaves_out_massive_rows(tmp_path):
     assert metrics["outlier_fraction"] == pytest.approx(3 / 3000)
     assert metrics["fvu_inliers"] == pytest.approx(direct, rel=1e-6)
     assert metrics["fvu"] != pytest.approx(direct, rel=1e-2)  # the massive rows dominate the plain FVU
+
+
+def test_drop_outliers_leaves_massive_rows_out_of_training(tmp_path):
+    x, _ = sparse_data(30_000, seed=5)
+    massive = torch.zeros(30_000, dtype=torch.bool)
+    massive[::500] = True  # 0.2% of rows, 300x the typical norm
+    x[massive] *= 300.0
+    store = write_arrays(tmp_path / "store", {"acts": x})
+    kept = Trainer(synthetic_config(store, tmp_path / "drop", drop_outliers=10.0), progress=False)
+    everything = Trainer(synthetic_config(store, tmp_path / "all"), progress=False)
+    typical = float(x[~massive].norm(dim=1).median())
+    assert 9.5 * typical < kept.max_norm < 10.5 * typical and everything.max_norm == float("inf")
+    batch = {"acts": x[:2000]}
+    assert torch.equal(kept._keep(batch)["acts"], x[:2000][~massive[:2000]])
+    # input scaling comes from the kept rows: E||x||^2 = d over them, not over the massive ones
+    d_kept = next(iter(kept.dictionaries.values()))
+    d_all = next(iter(everything.dictionaries.values()))
+    assert float(d_kept.input_scale) == pytest.approx((32 / x[~massive].pow(2).sum(1).mean()).sqrt().item(), rel=0.05)
+    assert float(d_all.input_scale) < 0.2 * float(d_kept.input_scale)
+    with_drop, without = next(iter(kept.run().values())), next(iter(everything.run().values()))
+    assert with_drop["outlier_fraction"] == pytest.approx(without["outlier_fraction"]) and with_drop["outlier_fraction"] > 0
+    assert with_drop["fvu_inliers"] < 0.95 * without["fvu_inliers"]  # capacity goes to the typical rows
+    with pytest.raises(InputError, match="drop_outliers"):
+        Trainer(synthetic_config(store, tmp_path / "bad", drop_outliers=-1.0), progress=False)

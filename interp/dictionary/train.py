@@ -57,6 +57,8 @@ class TrainConfig:
     auxk_coefficient: float = opt(1 / 32, "weight of the AuxK loss (topk / batchtopk)")
     auxk_dead_tokens: int = opt(0, "tokens without firing after which AuxK treats a latent as dead; 0 = min(10M, tokens/8)", parse=parse_count)
     dead_window: int = opt(10_000_000, "a latent is dead if it did not fire in this many final tokens (or the whole run)", parse=parse_count)
+    drop_outliers: float = opt(0.0, "leave out training rows whose input norm exceeds this many times the median "
+                                    "(e.g. 10, for massive activations); 0 keeps every row")
     normalize_input: bool = opt(True, "scale inputs to E||x||^2 = d (folded into the weights on export)")
     b_dec_init: str = opt("mean", "b_dec initialisation: mean, median (geometric) or zero")
     compute_dtype: str = opt("auto", "encoder matmul dtype: auto (bfloat16 where the CPU has it natively), float32, bfloat16")
@@ -132,6 +134,7 @@ class Trainer:
         self.steps = c.tokens // c.batch_size  # more tokens than training rows: further epochs
         self.auxk_dead = c.auxk_dead_tokens or min(10_000_000, max(c.tokens // 8, c.batch_size))
         self.lr = c.lr or 2e-4 / math.sqrt(c.latents / 2**14)
+        self.max_norm = self._max_norm()
         self.dictionaries = {self._name(k): self._new_dictionary(k) for k in c.ks()}
         params = {name: list(d.parameters()) for name, d in self.dictionaries.items()}
         self.optimizers = {name: torch.optim.Adam(p, lr=self.lr, fused=True) for name, p in params.items()}
@@ -180,13 +183,34 @@ class Trainer:
         self._initialise(d)
         return d
 
+    def _init_sample(self) -> dict[str, torch.Tensor]:
+        """A fixed sample of training rows (checked for NaN/inf)."""
+        sample_rows = init_sample_rows(self.train_rows[1], self.config.seed)
+        batch = {site: self.store.read(site, sample_rows) for site in self.sites}
+        _check_finite(batch, sample_rows, self.store)
+        return batch
+
+    def _max_norm(self) -> float:
+        """The input norm above which ``--drop-outliers`` leaves a row out (inf: keep all)."""
+        factor = self.config.drop_outliers
+        if factor < 0:
+            raise InputError(f"drop_outliers={factor}: give a factor of the median norm (e.g. 10), or 0 to keep every row")
+        if not factor:
+            return math.inf
+        return factor * float(self._init_sample()[self.in_site].norm(dim=-1).median())
+
+    def _keep(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The rows of ``batch`` within ``max_norm``."""
+        if self.max_norm == math.inf:
+            return batch
+        keep = batch[self.in_site].norm(dim=-1) <= self.max_norm
+        return {site: t[keep] for site, t in batch.items()}
+
     @torch.no_grad()
     def _initialise(self, d: SparseDictionary) -> None:
         """Input scales and b_dec from a fixed sample of training rows."""
         c = self.config
-        sample_rows = init_sample_rows(self.train_rows[1], c.seed)
-        batch = {site: self.store.read(site, sample_rows) for site in self.sites}
-        _check_finite(batch, sample_rows, self.store)
+        batch = self._keep(self._init_sample())
         x, y = batch[self.in_site], batch[self.out_site]
         if c.normalize_input:
             d.input_scale.fill_(math.sqrt(x.shape[1] / float(x.pow(2).sum(-1).mean())))
@@ -208,6 +232,7 @@ class Trainer:
         return self.lr * warm * decay
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+        batch = self._keep(batch)
         x, y = batch[self.in_site], batch[self.out_site]
         lr = self.lr_at(self.step)
         stats = {name: step_dictionary(d, self.optimizers[name], x, y, self.since_fired[name], lr=lr,
