@@ -143,12 +143,11 @@ def splice_metrics(
             ablated = model.forward(ids)
         # Losses on next-token predictions from the first spliced position on.
         target = ids.ids[:, first_position + 1 :]
-        for name, logits in (("clean", clean), ("spliced", edited), ("zero", ablated)):
-            logprobs = logits[:, first_position:-1].float().log_softmax(-1)
-            sums[name] += float(-logprobs.gather(-1, target[..., None]).sum())
-        p_clean = clean[:, first_position:-1].float().log_softmax(-1)
-        p_edit = edited[:, first_position:-1].float().log_softmax(-1)
-        sums["kl"] += float((p_clean.exp() * (p_clean - p_edit)).sum())
+        logprobs = {name: logits[:, first_position:-1].float().log_softmax(-1)
+                    for name, logits in (("clean", clean), ("spliced", edited), ("zero", ablated))}
+        for name, lp in logprobs.items():
+            sums[name] += float(-lp.gather(-1, target[..., None]).sum())
+        sums["kl"] += float((logprobs["clean"].exp() * (logprobs["clean"] - logprobs["spliced"])).sum())
         count += target.numel()
     ce = {name: sums[name] / count for name in ("clean", "spliced", "zero")}
     return {

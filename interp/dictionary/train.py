@@ -134,8 +134,9 @@ class Trainer:
         self.steps = c.tokens // c.batch_size  # more tokens than training rows: further epochs
         self.auxk_dead = c.auxk_dead_tokens or min(10_000_000, max(c.tokens // 8, c.batch_size))
         self.lr = c.lr or 2e-4 / math.sqrt(c.latents / 2**14)
-        self.max_norm = self._max_norm()
-        self.dictionaries = {self._name(k): self._new_dictionary(k) for k in c.ks()}
+        sample = self._init_sample()
+        self.max_norm = self._max_norm(sample)
+        self.dictionaries = {self._name(k): self._new_dictionary(k, sample) for k in c.ks()}
         params = {name: list(d.parameters()) for name, d in self.dictionaries.items()}
         self.optimizers = {name: torch.optim.Adam(p, lr=self.lr, fused=True) for name, p in params.items()}
         self.since_fired = {name: torch.zeros(c.latents, dtype=torch.long) for name in self.dictionaries}
@@ -169,7 +170,7 @@ class Trainer:
             raise InputError(f"{path} was harvested from {store.manifest['model']['name']}, not {self.model.cfg.name}")
         return store
 
-    def _new_dictionary(self, k: int) -> SparseDictionary:
+    def _new_dictionary(self, k: int, sample: dict[str, torch.Tensor]) -> SparseDictionary:
         c = self.config
         dc = DictionaryConfig(
             d_in=self.store.d(self.in_site), d_out=self.store.d(self.out_site), n_latents=c.latents,
@@ -180,7 +181,7 @@ class Trainer:
         )
         d = SparseDictionary(dc, seed=c.seed)
         d.compute_dtype = compute_dtype(c.compute_dtype)
-        self._initialise(d)
+        self._initialise(d, sample)
         return d
 
     def _init_sample(self) -> dict[str, torch.Tensor]:
@@ -190,14 +191,14 @@ class Trainer:
         _check_finite(batch, sample_rows, self.store)
         return batch
 
-    def _max_norm(self) -> float:
+    def _max_norm(self, sample: dict[str, torch.Tensor]) -> float:
         """The input norm above which ``--drop-outliers`` leaves a row out (inf: keep all)."""
         factor = self.config.drop_outliers
         if factor < 0:
             raise InputError(f"drop_outliers={factor}: give a factor of the median norm (e.g. 10), or 0 to keep every row")
         if not factor:
             return math.inf
-        return factor * float(self._init_sample()[self.in_site].norm(dim=-1).median())
+        return factor * float(sample[self.in_site].norm(dim=-1).median())
 
     def _keep(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The rows of ``batch`` within ``max_norm``."""
@@ -207,10 +208,10 @@ class Trainer:
         return {site: t[keep] for site, t in batch.items()}
 
     @torch.no_grad()
-    def _initialise(self, d: SparseDictionary) -> None:
+    def _initialise(self, d: SparseDictionary, sample: dict[str, torch.Tensor]) -> None:
         """Input scales and b_dec from a fixed sample of training rows."""
         c = self.config
-        batch = self._keep(self._init_sample())
+        batch = self._keep(sample)
         x, y = batch[self.in_site], batch[self.out_site]
         if c.normalize_input:
             d.input_scale.fill_(math.sqrt(x.shape[1] / float(x.pow(2).sum(-1).mean())))
@@ -314,12 +315,8 @@ class Trainer:
         held_out = (self.train_rows[1], self.store.n_rows)
         contexts = None if self.model is None else held_out_contexts(self.store, held_out, c.eval_contexts, self.model.tokenizer)
         for name, d in self.dictionaries.items():
-            d.eval()
             metrics = {"tokens": self.step * c.batch_size, "train_seconds": self.train_seconds,
-                       "dead_fraction": self.dead_fraction(name), **reconstruction_metrics(d, self.store, held_out)}
-            if contexts is not None:
-                first = 1 if self.store.manifest["exclude_bos"] else 0
-                metrics.update(splice_metrics(self.model, d, contexts, first_position=first))
+                       "dead_fraction": self.dead_fraction(name), **dictionary_metrics(d, self.store, held_out, self.model, contexts)}
             folder = c.out / name
             io.save_dictionary(d, folder, metrics=metrics, store=str(self.store.root), held_out_rows=list(held_out),
                                training={"steps": self.step, "lr": self.lr, "batch_size": c.batch_size})
@@ -383,6 +380,16 @@ def dictionary_loss(d: SparseDictionary, x: torch.Tensor, y: torch.Tensor, dead:
     elif c.architecture == "jumprelu":
         loss = loss + c.l0_coefficient * jumprelu_l0(d, z)
     return loss, info, code.fire_counts(c.n_latents)
+
+
+def dictionary_metrics(d: SparseDictionary, store: ActivationStore, rows: tuple[int, int], model: Any,
+                       contexts: torch.Tensor | None) -> dict[str, Any]:
+    """Reconstruction metrics on store ``rows``, plus the spliced-CE metrics on ``contexts`` if any."""
+    metrics = reconstruction_metrics(d, store, rows)
+    if contexts is not None:
+        first = 1 if store.manifest["exclude_bos"] else 0  # splice where the store has rows
+        metrics.update(splice_metrics(model, d, contexts, first_position=first))
+    return metrics
 
 
 def held_out_contexts(store: ActivationStore, rows: tuple[int, int], count: int, tokenizer: Any) -> torch.Tensor | None:
@@ -481,18 +488,15 @@ def evaluate(config: EvalConfig, *, model: Any = None) -> dict[str, Any]:
     from interp.models import load_model
 
     meta = io.read_meta(config.dictionary)
-    d = io.load_dictionary(config.dictionary)
     store = ActivationStore(config.store or meta["store"])
     rows = tuple(meta["held_out_rows"]) if config.store is None else (0, store.n_rows)
-    for site in {d.config.input_site, d.config.output_site or d.config.input_site}:
+    input_site = meta["config"]["input_site"]
+    for site in {input_site, meta["config"]["output_site"] or input_site}:
         store.check_site(site)
-    if store.d(d.config.input_site) != d.config.d_in:
-        raise InputError(f"{store.root}: {d.config.input_site} has width {store.d(d.config.input_site)}, the dictionary reads {d.config.d_in}")
+    d = io.load_dictionary(config.dictionary, d_in=store.d(input_site))
     model = model if model is not None else load_model(d.config.model or store.manifest["model"]["name"])
-    metrics = reconstruction_metrics(d, store, rows)
     contexts = held_out_contexts(store, rows, config.eval_contexts, model.tokenizer)
-    if contexts is not None:
-        metrics.update(splice_metrics(model, d, contexts, first_position=1 if store.manifest["exclude_bos"] else 0))
+    metrics = dictionary_metrics(d, store, rows, model, contexts)
     (Path(config.dictionary) / "eval.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 

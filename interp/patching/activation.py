@@ -95,7 +95,7 @@ def activation_patching(
     values = torch.empty(len(cells), n_prompts)
     todo = defaultdict(list)  # layer -> indices of cells that need a forward pass
     for index, cell in enumerate(cells):
-        region = _region(cell, infos[cell.site])
+        region = cell_region(cell, infos[cell.site])
         if skip_identical and torch.equal(src[cell.site][region], ref[cell.site][region]):
             values[index] = base_metric  # nothing to patch: the run is the base run
         else:
@@ -149,7 +149,7 @@ def cell_table(model: Model, task: PatchingTask, cells: list[Cell], metric: list
     })
 
 
-def _region(cell: Cell, info) -> tuple:
+def cell_region(cell: Cell, info) -> tuple:
     """Index of the patched part of a site's activation (all prompts)."""
     index: list = [slice(None)] * len(info.shape)
     if cell.position is not None:
@@ -178,7 +178,7 @@ def _run_variants(model: Model, task: PatchingTask, rows: list[tuple[int, int, i
         n_positions = base.ids.shape[1]
         for row, cell in entries:  # positions relative to the batch's first position
             position = None if cell.position is None else cell.position % n_positions - start
-            mask[(row, *_region(Cell(cell.site, position, cell.head), info)[1:])] = True
+            mask[(row, *cell_region(Cell(cell.site, position, cell.head), info)[1:])] = True
 
         def patch_fn(act: torch.Tensor, mask=mask, patch=patch) -> torch.Tensor:
             return torch.where(mask.to(act.device), patch.to(act), act)

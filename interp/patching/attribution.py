@@ -9,6 +9,7 @@ pass exactly as it is and replaces the backward pass of norms, activations, gate
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 import interp
-from interp.patching.activation import DEFAULT_KINDS, Cell, cell_table, plan
+from interp.patching.activation import DEFAULT_KINDS, Cell, cell_region, cell_table, plan
 from interp.patching.result import PatchingResult
 from interp.patching.rules import Rules, relevance_rules
 
@@ -47,14 +48,7 @@ def attribution_patching(
     base_value = task.corrupt_value if direction == "denoising" else task.clean_value
     contributions = {site: (src[site] - acts[site]) * grads[site] for site in sites}
     for cell in cells:
-        info = model.site_table.info(cell.site)
-        contribution = contributions[cell.site]
-        index: list = [slice(None)] * contribution.ndim
-        if cell.position is not None:
-            index[info.pos_dim] = cell.position
-        if cell.head is not None:
-            index[info.head_dim] = cell.head
-        estimates.append(float(contribution[tuple(index)].sum()))
+        estimates.append(float(contributions[cell.site][cell_region(cell, model.site_table.info(cell.site))].sum()))
     table = cell_table(model, task, cells, [base_value + e for e in estimates])
     method = "attribution" if rules is None else "relp"
     return PatchingResult(method, direction, task.name, table, task.position_labels(model), task.clean_value,
@@ -84,7 +78,7 @@ def gradients_at(model: Model, task: PatchingTask, tokens: interp.Tokens, sites:
     try:
         for p in frozen:
             p.requires_grad_(False)
-        with torch.enable_grad(), model.intervene(*interventions), (relevance_rules(model, rules) if rules else _nothing()):
+        with torch.enable_grad(), model.intervene(*interventions), (relevance_rules(model, rules) if rules else contextlib.nullcontext()):
             logits = model(tokens)
             prompts = torch.arange(tokens.ids.shape[0], device=logits.device)
             task.metric(logits[:, -1], prompts).mean().backward()
@@ -95,10 +89,3 @@ def gradients_at(model: Model, task: PatchingTask, tokens: interp.Tokens, sites:
     grads = {s: (t.grad if t.grad is not None else torch.zeros_like(t)).detach() for s, t in captured.items()}
     return acts, grads
 
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

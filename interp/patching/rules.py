@@ -133,19 +133,22 @@ def _half_rule(model: Model, mlp: nn.Module, layer: nn.Module) -> list[Any]:
     if activation is None:
         raise InputError(f"no activation module found in {type(mlp).__name__}")
 
-    def keep(name: str):
-        def hook(_m: nn.Module, _args: Any, out: torch.Tensor) -> None:
-            seen[name] = out
-
-        return hook
-
     def split(_m: nn.Module, args: tuple) -> tuple:
         gate, up = seen.pop("gate"), seen.pop("up")
         surrogate = 0.5 * (gate * up.detach()) + 0.5 * (gate.detach() * up)
         return (_surrogate(args[0], surrogate), *args[1:])
 
-    return [activation.register_forward_hook(keep("gate")), mlp.up_proj.register_forward_hook(keep("up")),
+    return [activation.register_forward_hook(_keep_output(seen, "gate")), mlp.up_proj.register_forward_hook(_keep_output(seen, "up")),
             mlp.down_proj.register_forward_pre_hook(split)]
+
+
+def _keep_output(seen: dict[str, torch.Tensor], name: str) -> Any:
+    """A forward hook that files the module's output under ``seen[name]`` for a later hook."""
+
+    def hook(_m: nn.Module, _args: Any, out: torch.Tensor) -> None:
+        seen[name] = out
+
+    return hook
 
 
 def _transformer_lens_rules(model: Model, rules: Rules) -> list[Any]:
@@ -166,12 +169,6 @@ def _transformer_lens_mlp_rules(mlp: nn.Module, points: dict, layer: int, rules:
     seen: dict[str, torch.Tensor] = {}
     prefix = f"blocks.{layer}.mlp."
 
-    def keep(name: str):
-        def hook(_m: nn.Module, _a: Any, out: torch.Tensor) -> None:
-            seen[name] = out
-
-        return hook
-
     def rebuild(_m: nn.Module, _a: Any, post: torch.Tensor) -> torch.Tensor:
         pre = seen.pop("pre")
         act = mlp.act_fn(pre)
@@ -182,8 +179,8 @@ def _transformer_lens_mlp_rules(mlp: nn.Module, points: dict, layer: int, rules:
         product = 0.5 * (gate * linear.detach()) + 0.5 * (act.detach() * linear) if rules.half else gate * linear
         return _surrogate(post, product)
 
-    handles = [points[prefix + "hook_pre"].register_forward_hook(keep("pre"))]
+    handles = [points[prefix + "hook_pre"].register_forward_hook(_keep_output(seen, "pre"))]
     if prefix + "hook_pre_linear" in points:
-        handles.append(points[prefix + "hook_pre_linear"].register_forward_hook(keep("linear")))
+        handles.append(points[prefix + "hook_pre_linear"].register_forward_hook(_keep_output(seen, "linear")))
     handles.append(points[prefix + "hook_post"].register_forward_hook(rebuild))
     return handles

@@ -35,11 +35,9 @@ def example_html(row: pd.Series | dict[str, Any]) -> str:
     return f'<div class="example"><span class="act">{row["activation"]:.3f}</span>{"".join(spans)}</div>'
 
 
-def latent_section(latent: int, examples: pd.DataFrame, summary: dict[str, Any] | None = None, frequency: float | None = None) -> str:
+def latent_section(latent: int, examples: pd.DataFrame, summary: dict[str, Any] | None = None) -> str:
     lines = [f"<h2>Latent {latent}</h2>"]
     facts = []
-    if frequency is not None:
-        facts.append(f"fires on {frequency:.3%} of tokens")
     if summary and summary.get("promotes"):
         facts.append("promotes " + " ".join(html.escape(repr(t)) for t in summary["promotes"]))
         facts.append("suppresses " + " ".join(html.escape(repr(t)) for t in summary["suppresses"]))
