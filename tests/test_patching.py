@@ -69,6 +69,30 @@ def test_batched_activation_patching_equals_transformer_lens():
     torch.testing.assert_close(torch.from_numpy(heads.grid("z", "metric")).float(), tl_heads.float(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "transformer_lens"])
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_batched_sweep_equals_one_forward_per_cell(family, direction):
+    """Every shortcut of the engine (prefix reuse, residual routes, last-block trimming, batching)
+    against the plain definition: one full forward per cell with the source activation written in."""
+    model = tiny_model(family, n_layers=3)
+    task = toy_task(model)
+    base, source = (task.corrupt, task.clean) if direction == "denoising" else (task.clean, task.corrupt)
+    n_positions = base.ids.shape[1]
+    cells = [Cell(model.site(kind, layer), position) for kind in ("resid_pre", "attn_out", "mlp_out", "mlp_post", "resid_post")
+             for layer in range(3) for position in (3, 9, n_positions - 2, -1, None)]
+    cells += [Cell(model.site("z", layer), position, head) for layer in (0, 2) for position in (9, -1) for head in (0, 1)]
+    ours = activation_patching(model, task, cells=cells, direction=direction, batch_size=5, progress=False)
+    src = model.run_with_cache(source, list({c.site for c in cells}))
+    prompts = torch.arange(len(task))
+    with torch.no_grad():
+        for cell, metric in zip(cells, ours.table.metric, strict=True):
+            positions = None if cell.position is None else [cell.position % n_positions]
+            heads = None if cell.head is None else [cell.head]
+            with model.intervene(interp.Replace(cell.site, src[cell.site], positions=positions, heads=heads)):
+                expected = task.metric(model(base)[:, -1], prompts).mean()
+            assert float(metric) == pytest.approx(float(expected), abs=1e-5), cell
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "olmo", "transformer_lens"])
 def test_relp_rules_leave_the_forward_pass_bit_identical(family):
     model = tiny_model(family, n_layers=2)

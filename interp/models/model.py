@@ -70,15 +70,17 @@ class PastKeys:
     def length(self) -> int:
         return int(self.keys[0].shape[self.seq_dim])
 
-    def take(self, rows: torch.Tensor, length: int) -> PastKeys:
-        """The first ``length`` positions of prompts ``rows``."""
-        cut = [slice(None)] * self.keys[0].ndim
-        cut[self.seq_dim] = slice(0, length)
+    def take(self, rows: torch.Tensor, length: int, first_layer: int = 0) -> PastKeys:
+        """The first ``length`` positions of prompts ``rows``.
 
-        def pick(t: torch.Tensor) -> torch.Tensor:
-            return t[rows][tuple(cut)]
+        Layers before ``first_layer`` (which a run starting there never reads) keep every prompt
+        and only the position count right, without a copy.
+        """
+        def pick(layer: int, t: torch.Tensor) -> torch.Tensor:
+            t = t.narrow(self.seq_dim, 0, length)
+            return t if layer < first_layer else t.index_select(0, rows)
 
-        return PastKeys([pick(k) for k in self.keys], [pick(v) for v in self.values], self.seq_dim)
+        return PastKeys([pick(i, k) for i, k in enumerate(self.keys)], [pick(i, v) for i, v in enumerate(self.values)], self.seq_dim)
 
 
 class Model:
@@ -260,6 +262,14 @@ class Model:
         """How many tokens of this sequence earlier forward passes already processed (KV cache)."""
         raise NotImplementedError
 
+    def mlp(self, layer: int) -> nn.Module:
+        """Block ``layer``'s MLP module: normalised residual [batch, pos, d_model] in, the same shape out."""
+        raise NotImplementedError
+
+    def mlp_norm(self, layer: int) -> nn.Module:
+        """The norm in front of block ``layer``'s MLP."""
+        raise NotImplementedError
+
     # ---------------------------------------------------------- unembedding
     @property
     def final_norm(self) -> nn.Module:
@@ -356,6 +366,12 @@ class HFModel(Model):
         past = kwargs.get("past_key_values")
         return int(past.get_seq_length()) if past is not None else 0
 
+    def mlp(self, layer: int) -> nn.Module:
+        return self.module.get_submodule(f"{self.arch.layers}.{layer}.{self.arch.mlp}")
+
+    def mlp_norm(self, layer: int) -> nn.Module:
+        return self.module.get_submodule(f"{self.arch.layers}.{layer}.{self.arch.ln2}")
+
     @property
     def final_norm(self) -> nn.Module:
         return self.module.get_submodule(self.arch.final_norm)
@@ -394,6 +410,10 @@ class TLModel(Model):
             entries = [TransformerLensKeyValueCacheEntry(k, v) for k, v in zip(past.keys, past.values, strict=True)]
             mask = torch.ones(resid.shape[0], past.length, dtype=torch.long, device=resid.device)
             cache = TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask)
+        if last_only and not self.module.cfg.output_logits_soft_cap > 0:  # unembed the last position only
+            resid = self.module(resid, start_at_layer=layer, stop_at_layer=self.cfg.n_layers, tokens=tokens.ids,
+                                attention_mask=tokens.mask, past_kv_cache=cache)
+            return self.unembed(resid[:, -1:])
         logits = self.module(resid, start_at_layer=layer, tokens=tokens.ids, attention_mask=tokens.mask, past_kv_cache=cache)
         return logits[:, -1:] if last_only else logits
 
@@ -415,6 +435,12 @@ class TLModel(Model):
         if past is None or not past.entries or past.entries[0].past_keys is None:
             return 0
         return int(past.entries[0].past_keys.shape[1])
+
+    def mlp(self, layer: int) -> nn.Module:
+        return self.module.blocks[layer].mlp
+
+    def mlp_norm(self, layer: int) -> nn.Module:
+        return self.module.blocks[layer].ln2
 
     @property
     def final_norm(self) -> nn.Module:

@@ -101,6 +101,14 @@ class SiteTable:
             )
         return self.check(f"blocks.{layer}.{_SUFFIX_OF_KIND[canonical]}")
 
+    def has(self, kind: str, layer: int | None = None) -> bool:
+        """Whether the model has this site (a parallel block has no ``resid_mid``)."""
+        try:
+            self.name_of(kind, layer)
+        except UnknownSiteError:
+            return False
+        return True
+
     def check(self, name: str) -> str:
         """Return ``name`` if it is a site, else raise an error naming the closest sites."""
         if name in self._entries:

@@ -16,14 +16,17 @@ noising runs the clean prompts with one corrupt activation. Variants never run o
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 import interp
@@ -80,38 +83,36 @@ def activation_patching(
     """
     start = time.perf_counter()
     base, source, cells = plan(model, task, direction, kinds, cells, per_position=per_position, heads=heads)
-    n_prompts, n_positions = base.ids.shape
-    infos = {c.site: model.site_table.info(c.site) for c in cells}
-    sites = list(dict.fromkeys(c.site for c in cells))
-    layers = sorted({infos[s].layer for s in sites})
-    starts = [model.site("resid_pre", layer) for layer in layers]
+    n_prompts = base.ids.shape[0]
     with torch.no_grad():
-        src = model.run_with_cache(source, sites)
-        ref = model.run_with_cache(base, list(dict.fromkeys(sites + starts)), stop_at_layer=None)
+        src = model.run_with_cache(source, list(dict.fromkeys(c.site for c in cells)))
+        ref = model.run_with_cache(base, _base_sites(model, cells), stop_at_layer=None)
         prompt_ids = torch.arange(n_prompts, device=base.ids.device)
         base_metric = task.metric(ref.logits[:, -1], prompt_ids)
         past = model.past_keys(base)
+    router = _Router(model, base.ids.shape[1], src, ref)
+    routes = [router.route(cell) for cell in cells]
 
     values = torch.empty(len(cells), n_prompts)
-    todo = defaultdict(list)  # layer -> indices of cells that need a forward pass
-    for index, cell in enumerate(cells):
-        region = cell_region(cell, infos[cell.site])
-        if skip_identical and torch.equal(src[cell.site][region], ref[cell.site][region]):
-            values[index] = base_metric  # nothing to patch: the run is the base run
+    todo, final = [], []  # cells that need blocks run; cells that need only the unembedding
+    for index, route in enumerate(routes):
+        if route is None or (skip_identical and route.is_identity(router)):
+            values[index] = base_metric  # nothing reaches the metric: the run is the base run
+        elif route.layer == model.cfg.n_layers:
+            final.append(index)
         else:
-            todo[infos[cell.site].layer].append(index)
+            todo.append(index)
+    with torch.no_grad():
+        for index in final:
+            values[index] = task.metric(model.unembed(router.sources[routes[index].key][:, -1]), prompt_ids)
 
-    def first_position(index: int) -> int:
-        position = cells[index].position
-        return 0 if position is None else position % n_positions
-
-    rows = sorted((layer, first_position(index), index, prompt)
-                  for layer in todo for index in todo[layer] for prompt in range(n_prompts))
+    rows = sorted((routes[index].layer, routes[index].first_position, index, prompt)
+                  for index in todo for prompt in range(n_prompts))
+    overhead = _call_overhead(model, router, base, past) if rows else 0.0
     bar = tqdm(total=len(rows), desc=f"{direction} patching", unit="run", disable=not progress)
     with torch.no_grad():
-        for chunk_start in range(0, len(rows), batch_size):
-            chunk = rows[chunk_start : chunk_start + batch_size]
-            metric = _run_variants(model, task, chunk, cells, infos, src, ref, base, past)
+        for chunk in _batches(rows, model.cfg.n_layers, base.ids.shape[1], batch_size, overhead):
+            metric = _run_variants(model, task, chunk, routes, router, base, past)
             for (_, _, index, prompt), value in zip(chunk, metric.tolist(), strict=True):
                 values[index, prompt] = value
             bar.update(len(chunk))
@@ -159,36 +160,236 @@ def cell_region(cell: Cell, info) -> tuple:
     return tuple(index)
 
 
-def _run_variants(model: Model, task: PatchingTask, rows: list[tuple[int, int, int, int]], cells: list[Cell],
-                  infos: dict, src, ref, base: Tokens, past: PastKeys) -> torch.Tensor:
+# Kinds whose value at a position reaches other positions only through the residual stream after
+# their block: in the last block they change the last position's logits only at the last position.
+_LOCAL_KINDS = frozenset({"z", "attn_out", "resid_mid", "ln2", "mlp_post", "mlp_out", "resid_post"})
+
+
+@dataclass(frozen=True)
+class _Route:
+    """How one cell runs: the base run from block ``layer`` on, with ``sources[key]`` patched into
+    ``site`` over ``region`` (``layer == n_layers``: only the final norm and unembedding)."""
+
+    layer: int
+    site: str
+    key: str
+    region: tuple
+    first_position: int
+
+    def is_identity(self, router: _Router) -> bool:
+        return torch.equal(router.sources[self.key][self.region], router.base_value(self.site)[self.region])
+
+
+class _Router:
+    """Maps cells to the cheapest equivalent run.
+
+    A patch of ``attn_out``, ``mlp_out`` or ``resid_post`` at block L changes, outside block L, only
+    the residual stream entering block L+1 (the MLP is position-wise: for attn_out only the patched
+    positions pass through it again). So such a cell starts at block L+1 as a residual patch, and
+    after the last block it needs only the unembedding. The block structure this relies on is
+    checked on the base run (resid_mid = resid_pre + attn_out and resid_post = resid_mid +
+    mlp_out bit for bit, the MLP recomputed, the unembedding reproducing the logits); where a check
+    fails the cell runs as it is.
+    """
+
+    def __init__(self, model: Model, n_positions: int, src, ref):
+        self.model, self.n_positions, self.src, self.ref = model, n_positions, src, ref
+        self.sources: dict[str, torch.Tensor] = {}
+        self._routable: dict[str, str | None] = {}
+        last = model.site("resid_post", model.cfg.n_layers - 1)
+        self.unembed_ok = torch.allclose(model.unembed(ref[last][:, -1]), ref.logits[:, -1], rtol=1e-5, atol=1e-5)
+
+    def base_value(self, site: str) -> torch.Tensor:
+        return self.ref[site]
+
+    def route(self, cell: Cell) -> _Route | None:
+        model = self.model
+        info = model.site_table.info(cell.site)
+        layer, last_layer = info.layer, model.cfg.n_layers - 1
+        position = None if cell.position is None else cell.position % self.n_positions
+        if info.kind in _LOCAL_KINDS and layer == last_layer and position not in (None, self.n_positions - 1):
+            return None  # a position-local change in the last block never reaches the last position
+        key = self._residual_source(cell, info)
+        if key is None or (layer == last_layer and not self.unembed_ok):
+            self.sources.setdefault(cell.site, self.src[cell.site])
+            region = cell_region(Cell(cell.site, position, cell.head), info)
+            return _Route(layer, cell.site, cell.site, region, position or 0)
+        site = model.site("resid_post", last_layer) if layer == last_layer else model.site("resid_pre", layer + 1)
+        region = cell_region(Cell(site, position), model.site_table.info(site))
+        return _Route(layer + 1, site, key, region, position or 0)
+
+    def _residual_source(self, cell: Cell, info) -> str | None:
+        """Key of the patched residual stream after the cell's block, or None if the cell cannot be one."""
+        if cell.head is not None or info.kind not in ("attn_out", "mlp_out", "resid_post"):
+            return None
+        if info.kind == "resid_post":
+            self.sources.setdefault(cell.site, self.src[cell.site])
+            return cell.site
+        if cell.site not in self._routable:
+            self._routable[cell.site] = self._patched_resid_post(cell.site, info)
+        return self._routable[cell.site]
+
+    def _patched_resid_post(self, site: str, info) -> str | None:
+        """Compute resid_post with ``site`` patched (all positions), if the block is known to be
+        resid_mid = resid_pre + attn_out and resid_post = resid_mid + mlp(norm(resid_mid))."""
+        model, layer, ref = self.model, info.layer, self.ref
+        if not model.site_table.has("resid_mid", layer):
+            return None  # a parallel block: attention and MLP both read resid_pre
+        pre, mid, post = (model.site(kind, layer) for kind in ("resid_pre", "resid_mid", "resid_post"))
+        mlp_out = model.site("mlp_out", layer)
+        if not torch.equal(ref[mid] + ref[mlp_out], ref[post]):
+            return None
+        key = f"{site} -> resid_post"
+        if info.kind == "mlp_out":
+            self.sources[key] = ref[mid] + self.src[site]
+            return key
+        mlp = model.mlp(layer)
+        norm = model.mlp_norm(layer)
+        scale = float(ref[post].abs().max())
+        if not (torch.equal(ref[pre] + ref[site], ref[mid])
+                and torch.allclose(mlp(norm(ref[mid])), ref[mlp_out], rtol=1e-4, atol=1e-6 * scale)):
+            return None
+        patched_mid = ref[pre] + self.src[site]
+        patched = patched_mid + mlp(norm(patched_mid))
+        same = (self.src[site] == ref[site]).all(-1, keepdim=True)  # keep the base run's bits where nothing changed
+        self.sources[key] = torch.where(same, ref[post], patched)
+        return key
+
+
+def _base_sites(model: Model, cells: Sequence[Cell]) -> list[str]:
+    """Sites the base run keeps: the patched sites, what routes read, and every block's input."""
+    sites = []
+    for cell in cells:
+        info = model.site_table.info(cell.site)
+        sites.append(cell.site)
+        for kind in ("resid_pre", "resid_mid", "resid_post"):
+            if model.site_table.has(kind, info.layer):
+                sites.append(model.site(kind, info.layer))
+        if info.layer + 1 < model.cfg.n_layers:
+            sites.append(model.site("resid_pre", info.layer + 1))
+    sites.append(model.site("resid_post", model.cfg.n_layers - 1))
+    return list(dict.fromkeys(sites))
+
+
+def _batches(rows: list[tuple[int, int, int, int]], n_layers: int, n_positions: int, batch_size: int,
+             overhead: float) -> list[list[tuple[int, int, int, int]]]:
+    """Split sorted (layer, first position, cell, prompt) rows into forward passes.
+
+    A pass costs about (blocks run) x (overhead + rows x positions run): every row starts at the
+    pass's first layer and position, so merging rows that start later wastes work, and splitting
+    pays the per-call ``overhead`` (in token-positions) again. Groups of rows with the same start
+    are merged greedily while that lowers the estimated cost.
+    """
+    def cost(layer: int, start: int, n: int) -> float:
+        return (n_layers - layer) * (overhead + n * (n_positions - start))
+
+    batches: list[list] = []
+    for _, group in itertools.groupby(rows, key=lambda r: r[:2]):
+        group = list(group)
+        while group:
+            head, group = group[:batch_size], group[batch_size:]
+            if batches:
+                last = batches[-1]
+                layer, start = last[0][0], min(last[0][1], head[0][1])
+                merged = cost(layer, start, len(last) + len(head))
+                if len(last) + len(head) <= batch_size and merged <= cost(*last[0][:2], len(last)) + cost(*head[0][:2], len(head)):
+                    last.extend(head)
+                    continue
+            batches.append(head)
+    return batches
+
+
+def _call_overhead(model: Model, router: _Router, base: Tokens, past: PastKeys) -> float:
+    """The fixed cost of one forward call, in token-positions of the last block (timed here, best of 3)."""
+    layer, (n_prompts, n_positions) = model.cfg.n_layers - 1, base.ids.shape
+    resid = router.ref[model.site("resid_pre", layer)]
+
+    def seconds(rows: int, positions: int) -> float:
+        start = n_positions - positions
+        take = torch.arange(rows) % n_prompts
+        tokens = Tokens(base.ids[take], None if base.mask is None else base.mask[take])
+        best = float("inf")
+        with torch.no_grad():
+            for _ in range(3):
+                began = time.perf_counter()
+                model.forward_from(layer, resid[take, start:], tokens, last_only=True, past=past.take(take, start) if start else None)
+                if resid.is_cuda:
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - began)
+        return best
+
+    one, many = seconds(1, 1), seconds(n_prompts * 4, n_positions)
+    per_token = max(many - one, 1e-9) / (n_prompts * 4 * n_positions - 1)
+    return one / per_token
+
+
+def _run_variants(model: Model, task: PatchingTask, rows: list[tuple[int, int, int, int]], routes: list[_Route],
+                  router: _Router, base: Tokens, past: PastKeys) -> torch.Tensor:
     """One forward for a batch of (layer, first position, cell, prompt) rows, each patched at its cell.
 
     The batch starts at its smallest layer and position: what lies before is the base run's.
     """
     layer, start = min(r[0] for r in rows), min(r[1] for r in rows)
     prompts = torch.tensor([r[3] for r in rows])
-    by_site: dict[str, list[tuple[int, Cell]]] = defaultdict(list)
+    by_patch: dict[tuple[str, str], list[tuple[int, _Route]]] = defaultdict(list)
     for row, (_, _, index, _) in enumerate(rows):
-        by_site[cells[index].site].append((row, cells[index]))
+        by_patch[routes[index].site, routes[index].key].append((row, routes[index]))
     interventions = []
-    for site, entries in by_site.items():
-        info = infos[site]
-        patch = _suffix(src[site][prompts], info, start)
+    for (site, key), entries in by_patch.items():
+        info = model.site_table.info(site)
+        patch = _suffix(router.sources[key][prompts], info, start)
         mask = torch.zeros(patch.shape, dtype=torch.bool)
-        n_positions = base.ids.shape[1]
-        for row, cell in entries:  # positions relative to the batch's first position
-            position = None if cell.position is None else cell.position % n_positions - start
-            mask[(row, *cell_region(Cell(cell.site, position, cell.head), info)[1:])] = True
+        for row, route in entries:  # positions relative to the batch's first position
+            region = list(route.region)
+            region[info.pos_dim] = _shift(region[info.pos_dim], start)
+            mask[(row, *region[1:])] = True
 
         def patch_fn(act: torch.Tensor, mask=mask, patch=patch) -> torch.Tensor:
             return torch.where(mask.to(act.device), patch.to(act), act)
 
         interventions.append(interp.Apply(site, patch_fn))
-    resid = _suffix(ref[model.site("resid_pre", layer)][prompts], model.site_table.info(model.site("resid_pre", layer)), start)
+    resid_site = model.site("resid_pre", layer)
+    resid = _suffix(router.base_value(resid_site)[prompts], model.site_table.info(resid_site), start)
     tokens = Tokens(base.ids[prompts], None if base.mask is None else base.mask[prompts])
-    with model.intervene(*interventions):
-        logits = model.forward_from(layer, resid, tokens, last_only=True, past=past.take(prompts, start) if start else None)
+    last = model.cfg.n_layers - 1
+    trim = not any(model.site_table.info(site).layer == last and model.site_table.info(site).kind in _MLP_KINDS for site, _ in by_patch)
+    with model.intervene(*interventions), _last_position_mlp(model.mlp(last)) if trim else contextlib.nullcontext():
+        logits = model.forward_from(layer, resid, tokens, last_only=True, past=past.take(prompts, start, layer) if start else None)
     return task.metric(logits[:, -1], prompts)
+
+
+# Sites computed inside or after a block's MLP: a patch there needs the MLP at every position.
+_MLP_KINDS = frozenset({"mlp_post", "mlp_out", "resid_post"})
+
+
+@contextlib.contextmanager
+def _last_position_mlp(mlp: nn.Module) -> Iterator[None]:
+    """Run ``mlp`` on the last position only (its output is zero elsewhere).
+
+    In the last block only the last position's output reaches the metric; other positions still
+    matter there through their attention keys and values, which come before the MLP.
+    """
+    def first(_module: nn.Module, args: tuple) -> tuple:
+        shapes.append(args[0].shape)
+        return (args[0][:, -1:], *args[1:])
+
+    def pad(_module: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+        full = out.new_zeros((*shapes.pop()[:-1], out.shape[-1]))
+        full[:, -1:] = out
+        return full
+
+    shapes: list[torch.Size] = []
+    handles = [mlp.register_forward_pre_hook(first), mlp.register_forward_hook(pad)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _shift(index, start: int):
+    """A position index (an int or slice(None)) relative to a suffix starting at ``start``."""
+    return index - start if isinstance(index, int) else index
 
 
 def _suffix(act: torch.Tensor, info, start: int) -> torch.Tensor:
