@@ -448,12 +448,25 @@ class TLModel(Model):
 
     @property
     def lm_head(self) -> nn.Module:
-        return self.module.unembed
+        return _TLUnembed(self.module.unembed)
 
     def _make_nnsight(self) -> Any:
         import nnsight
 
         return nnsight.NNsight(self.module)
+
+
+class _TLUnembed(nn.Module):
+    """TransformerLens's unembedding with its hook points, minus the copy of W_U.T its forward
+    makes on every call (51 MB for a 50k vocabulary, more than the product for a few positions)."""
+
+    def __init__(self, unembed: nn.Module):
+        super().__init__()
+        self.unembed = unembed
+
+    def forward(self, resid: torch.Tensor) -> torch.Tensor:
+        u = self.unembed
+        return u.hook_out(u.hook_in(resid) @ u.W_U + u.b_U)
 
 
 def token_cross_entropy(logits: torch.Tensor, tokens: Tokens, *, per_token: bool = False) -> torch.Tensor:
