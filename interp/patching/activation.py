@@ -2,14 +2,20 @@
 
 Each cell (a site at a layer, a position or all positions, optionally one head) is a patched
 variant of the base run: denoising runs the corrupt prompts with one clean activation patched in,
-noising runs the clean prompts with one corrupt activation. Variants never run one by one:
+noising runs the clean prompts with one corrupt activation. Variants never run one by one, and
+none computes more than the metric needs:
 - a patch at layer L cannot change anything before L, and in a causal model a patch at position p
   cannot change anything before p: a variant starts from the base run's cached
   ``blocks.L.hook_resid_pre`` at positions p.., with the base run's keys and values standing in
   for positions < p (``Model.forward_from`` with ``past``);
+- a patch of attn_out, mlp_out or resid_post at block L is a patch of the residual stream entering
+  block L+1, and starts there (``_Router``); a position-local patch in the last block at any
+  position but the last changes nothing the metric reads;
 - many variants (cells x prompts) share one forward pass, each row patched at its own cell; rows
-  are sorted by (layer, position) and a batch starts at its smallest layer and position;
-- only the last position's logits are computed (the metric reads nothing else);
+  are sorted by (layer, position), a batch starts at its smallest layer and position, and groups
+  are merged while a calibrated cost model says merging is cheaper than another call;
+- only the last position's logits are computed, and the last block's MLP runs on the last
+  position only (other positions matter there only through their keys and values);
 - a cell whose source and base activations are identical for every prompt (e.g. positions
   before the first token where the prompts differ) has the base run's metric: no forward at all.
 """
@@ -90,8 +96,8 @@ def activation_patching(
         prompt_ids = torch.arange(n_prompts, device=base.ids.device)
         base_metric = task.metric(ref.logits[:, -1], prompt_ids)
         past = model.past_keys(base)
-    router = _Router(model, base.ids.shape[1], src, ref)
-    routes = [router.route(cell) for cell in cells]
+        router = _Router(model, base.ids.shape[1], src, ref)
+        routes = [router.route(cell) for cell in cells]
 
     values = torch.empty(len(cells), n_prompts)
     todo, final = [], []  # cells that need blocks run; cells that need only the unembedding
@@ -177,7 +183,7 @@ class _Route:
     first_position: int
 
     def is_identity(self, router: _Router) -> bool:
-        return torch.equal(router.sources[self.key][self.region], router.base_value(self.site)[self.region])
+        return torch.equal(router.sources[self.key][self.region], router.ref[self.site][self.region])
 
 
 class _Router:
@@ -198,9 +204,6 @@ class _Router:
         self._routable: dict[str, str | None] = {}
         last = model.site("resid_post", model.cfg.n_layers - 1)
         self.unembed_ok = torch.allclose(model.unembed(ref[last][:, -1]), ref.logits[:, -1], rtol=1e-5, atol=1e-5)
-
-    def base_value(self, site: str) -> torch.Tensor:
-        return self.ref[site]
 
     def route(self, cell: Cell) -> _Route | None:
         model = self.model
@@ -349,7 +352,7 @@ def _run_variants(model: Model, task: PatchingTask, rows: list[tuple[int, int, i
 
         interventions.append(interp.Apply(site, patch_fn))
     resid_site = model.site("resid_pre", layer)
-    resid = _suffix(router.base_value(resid_site)[prompts], model.site_table.info(resid_site), start)
+    resid = _suffix(router.ref[resid_site][prompts], model.site_table.info(resid_site), start)
     tokens = Tokens(base.ids[prompts], None if base.mask is None else base.mask[prompts])
     last = model.cfg.n_layers - 1
     trim = not any(model.site_table.info(site).layer == last and model.site_table.info(site).kind in _MLP_KINDS for site, _ in by_patch)
