@@ -144,6 +144,7 @@ def intervening(model: Model, interventions: Sequence[Intervention]) -> Iterator
             raise InputError(f"{type(iv).__name__} at {iv.site}: this site has no head dimension")
     offset = _Offset()
     handles = []
+    model.active_interventions += len(interventions)
     try:
         if any(iv.positions is not None for iv in interventions):
 
@@ -155,6 +156,7 @@ def intervening(model: Model, interventions: Sequence[Intervention]) -> Iterator
             handles.append(model.site_table.hook(iv.site).attach(_edit_fn(iv, info, offset)))
         yield
     finally:
+        model.active_interventions -= len(interventions)
         for handle in handles:
             handle.remove()
 

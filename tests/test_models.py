@@ -135,6 +135,8 @@ def test_generic_fallback_finds_the_same_structure_as_the_table():
     table = ARCHS["llama"]
     for field in ("layers", "embed", "final_norm", "ln1", "ln2", "attn", "attn_out_proj", "mlp", "mlp_out_proj"):
         assert getattr(found, field) == getattr(table, field), field
+    phi3 = tiny_model("phi3").arch  # registers o_proj before its fused qkv_proj
+    assert (phi3.attn_out_proj, phi3.mlp_out_proj) == ("self_attn.o_proj", "mlp.down_proj")
 
 
 def test_unknown_site_lists_closest_names():

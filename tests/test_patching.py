@@ -69,28 +69,55 @@ def test_batched_activation_patching_equals_transformer_lens():
     torch.testing.assert_close(torch.from_numpy(heads.grid("z", "metric")).float(), tl_heads.float(), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "transformer_lens"])
-@pytest.mark.parametrize("direction", ["denoising", "noising"])
-def test_batched_sweep_equals_one_forward_per_cell(family, direction):
-    """Every shortcut of the engine (prefix reuse, residual routes, last-block trimming, batching)
-    against the plain definition: one full forward per cell with the source activation written in."""
-    model = tiny_model(family, n_layers=3)
-    task = toy_task(model)
+def assert_equals_one_forward_per_cell(model, task, cells, direction="denoising", around=(), **kwargs):
+    """The plain definition: one full forward per cell with the source activation written in
+    (under the caller's interventions ``around``, as activation patching runs inside them)."""
     base, source = (task.corrupt, task.clean) if direction == "denoising" else (task.clean, task.corrupt)
     n_positions = base.ids.shape[1]
-    cells = [Cell(model.site(kind, layer), position) for kind in ("resid_pre", "attn_out", "mlp_out", "mlp_post", "resid_post")
-             for layer in range(3) for position in (3, 9, n_positions - 2, -1, None)]
-    cells += [Cell(model.site("z", layer), position, head) for layer in (0, 2) for position in (9, -1) for head in (0, 1)]
-    ours = activation_patching(model, task, cells=cells, direction=direction, batch_size=5, progress=False)
-    src = model.run_with_cache(source, list({c.site for c in cells}))
+    with model.intervene(*around):
+        ours = activation_patching(model, task, cells=cells, direction=direction, progress=False, **kwargs)
+        src = model.run_with_cache(source, list({c.site for c in cells}))
     prompts = torch.arange(len(task))
     with torch.no_grad():
         for cell, metric in zip(cells, ours.table.metric, strict=True):
             positions = None if cell.position is None else [cell.position % n_positions]
             heads = None if cell.head is None else [cell.head]
-            with model.intervene(interp.Replace(cell.site, src[cell.site], positions=positions, heads=heads)):
+            with model.intervene(*around, interp.Replace(cell.site, src[cell.site], positions=positions, heads=heads)):
                 expected = task.metric(model(base)[:, -1], prompts).mean()
             assert float(metric) == pytest.approx(float(expected), abs=1e-5), cell
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "olmo", "phi3", "transformer_lens"])
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_batched_sweep_equals_one_forward_per_cell(family, direction):
+    """Every shortcut of the engine (prefix reuse, residual routes, last-block trimming, batching)."""
+    model = tiny_model(family, n_layers=3)
+    task = toy_task(model)
+    n_positions = task.clean.ids.shape[1]
+    kinds = [k for k in ("resid_pre", "attn_out", "mlp_out", "mlp_post", "resid_mid", "resid_post") if model.site_table.has(k, 0)]
+    cells = [Cell(model.site(kind, layer), position) for kind in kinds
+             for layer in range(3) for position in (3, 14, n_positions - 2, -1, None)]
+    cells += [Cell(model.site("z", layer), position, head) for layer in (0, 2) for position in (16, -1) for head in (0, 1)]
+    assert_equals_one_forward_per_cell(model, task, cells, direction, batch_size=5)
+
+
+def test_sweeps_of_one_kind_or_early_layers_only(llama):
+    task = toy_task(llama)
+    assert_equals_one_forward_per_cell(llama, task, [Cell(llama.site("attn_out", 1), p) for p in (15, -1)])
+    assert_equals_one_forward_per_cell(llama, task, [Cell(llama.site("resid_pre", 0), 14), Cell(llama.site("z", 0), 15, 1)])
+
+
+@pytest.mark.parametrize("family", ["llama", "transformer_lens"])
+def test_patching_inside_the_callers_interventions(family):
+    """Each patched run is then a whole forward under those interventions: none applies twice or is lost."""
+    model = tiny_model(family, n_layers=3)
+    task = toy_task(model)
+    n_positions = task.clean.ids.shape[1]
+    around = [interp.Add(model.site("resid_pre", 2), torch.ones(model.cfg.d_model)),
+              interp.Add(model.site("mlp_out", 2), torch.ones(model.cfg.d_model), positions=[n_positions - 1])]
+    cells = [Cell(model.site(kind, layer), position) for kind in ("resid_pre", "attn_out", "mlp_out")
+             for layer in (1, 2) for position in (15, -1)]
+    assert_equals_one_forward_per_cell(model, task, cells, around=around)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "olmo", "transformer_lens"])

@@ -147,9 +147,9 @@ def discover_arch(model: nn.Module) -> Arch:
         ln1=norms[0],
         ln2=norms[1],
         attn=attn,
-        attn_out_proj=f"{attn}.{_last_linear(getattr(block, attn))}",
+        attn_out_proj=f"{attn}.{_output_linear(getattr(block, attn), config)}",
         mlp=mlp,
-        mlp_out_proj=f"{mlp}.{_last_linear(getattr(block, mlp))}",
+        mlp_out_proj=f"{mlp}.{_output_linear(getattr(block, mlp), config)}",
         parallel=parallel,
     )
 
@@ -161,13 +161,22 @@ def _path_of(names: dict[str, nn.Module], target: nn.Module | None) -> str:
     raise ArchitectureError("could not locate the input embeddings in the module tree")
 
 
-def _last_linear(module: nn.Module) -> str:
-    """The last registered linear-like child: the output projection in every family seen."""
+def _output_linear(module: nn.Module, config: object) -> str:
+    """The output projection: the last linear-like child whose output has the model width.
+
+    (Registration order alone misleads: Phi-3 registers o_proj before its fused qkv_proj.)
+    """
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     linear = [
-        name
+        (name, mod)
         for name, mod in module.named_modules()
         if name and (isinstance(mod, nn.Linear) or type(mod).__name__ in ("Conv1D", "Linear"))
     ]
     if not linear:
         raise ArchitectureError(f"no linear layer inside {type(module).__name__}")
-    return linear[-1]
+    writes_width = [name for name, mod in linear if _out_features(mod) == width]
+    return (writes_width or [name for name, _ in linear])[-1]
+
+
+def _out_features(module: nn.Module) -> int | None:
+    return getattr(module, "out_features", None) or getattr(module, "nf", None)  # nf: GPT-2's Conv1D

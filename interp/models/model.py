@@ -76,6 +76,8 @@ class PastKeys:
         Layers before ``first_layer`` (which a run starting there never reads) keep every prompt
         and only the position count right, without a copy.
         """
+        rows = rows.to(self.keys[0].device)
+
         def pick(layer: int, t: torch.Tensor) -> torch.Tensor:
             t = t.narrow(self.seq_dim, 0, length)
             return t if layer < first_layer else t.index_select(0, rows)
@@ -91,6 +93,7 @@ class Model:
         self.tokenizer = tokenizer
         self.cfg = config
         self.site_table = sites
+        self.active_interventions = 0  # how many interventions ``intervene`` has attached right now
         self._nnsight = None
 
     # ------------------------------------------------------------------ sites
@@ -466,7 +469,7 @@ class _TLUnembed(nn.Module):
 
     def forward(self, resid: torch.Tensor) -> torch.Tensor:
         u = self.unembed
-        return u.hook_out(u.hook_in(resid) @ u.W_U + u.b_U)
+        return u.hook_out(nn.functional.linear(u.hook_in(resid), u.W_U.T, u.b_U))
 
 
 def token_cross_entropy(logits: torch.Tensor, tokens: Tokens, *, per_token: bool = False) -> torch.Tensor:

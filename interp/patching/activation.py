@@ -86,17 +86,21 @@ def activation_patching(
     """Patch every cell and measure the task metric. ``cells`` overrides ``kinds``/``per_position``/``heads``.
 
     ``skip_identical=False`` runs even the cells whose patch changes nothing (a check of the engine).
+    Called inside ``model.intervene(...)``, every run (source, base and patched) has those
+    interventions too, and each patched run is a whole forward pass: the shortcuts below would
+    apply an edit twice or to partial activations.
     """
     start = time.perf_counter()
     base, source, cells = plan(model, task, direction, kinds, cells, per_position=per_position, heads=heads)
     n_prompts = base.ids.shape[0]
+    plain = model.active_interventions > 0
     with torch.no_grad():
         src = model.run_with_cache(source, list(dict.fromkeys(c.site for c in cells)))
         ref = model.run_with_cache(base, _base_sites(model, cells), stop_at_layer=None)
         prompt_ids = torch.arange(n_prompts, device=base.ids.device)
         base_metric = task.metric(ref.logits[:, -1], prompt_ids)
         past = model.past_keys(base)
-        router = _Router(model, base.ids.shape[1], src, ref)
+        router = _Router(model, base.ids.shape[1], src, ref, shortcuts=not plain, skip_local=skip_identical)
         routes = [router.route(cell) for cell in cells]
 
     values = torch.empty(len(cells), n_prompts)
@@ -114,11 +118,11 @@ def activation_patching(
 
     rows = sorted((routes[index].layer, routes[index].first_position, index, prompt)
                   for index in todo for prompt in range(n_prompts))
-    overhead = _call_overhead(model, router, base, past) if rows else 0.0
+    overhead = _call_overhead(model, router, base, past, batch_size) if rows and not plain else 0.0
     bar = tqdm(total=len(rows), desc=f"{direction} patching", unit="run", disable=not progress)
     with torch.no_grad():
         for chunk in _batches(rows, model.cfg.n_layers, base.ids.shape[1], batch_size, overhead):
-            metric = _run_variants(model, task, chunk, routes, router, base, past)
+            metric = _run_variants(model, task, chunk, routes, router, base, None if plain else past)
             for (_, _, index, prompt), value in zip(chunk, metric.tolist(), strict=True):
                 values[index, prompt] = value
             bar.update(len(chunk))
@@ -198,24 +202,31 @@ class _Router:
     fails the cell runs as it is.
     """
 
-    def __init__(self, model: Model, n_positions: int, src, ref):
+    def __init__(self, model: Model, n_positions: int, src, ref, *, shortcuts: bool, skip_local: bool):
         self.model, self.n_positions, self.src, self.ref = model, n_positions, src, ref
+        self.shortcuts, self.skip_local = shortcuts, skip_local and shortcuts
         self.sources: dict[str, torch.Tensor] = {}
         self._routable: dict[str, str | None] = {}
-        last = model.site("resid_post", model.cfg.n_layers - 1)
-        self.unembed_ok = torch.allclose(model.unembed(ref[last][:, -1]), ref.logits[:, -1], rtol=1e-5, atol=1e-5)
+        last = model.cfg.n_layers - 1
+        final = ref[model.site("resid_post", last)][:, -1:]
+        self.unembed_ok = torch.allclose(model.unembed(final)[:, -1], ref.logits[:, -1], rtol=1e-5, atol=1e-5)
+        # The last block's MLP may run on the last position alone if it maps a tensor to a tensor.
+        self.trim_ok = shortcuts and isinstance(model.mlp(last)(model.mlp_norm(last)(final)), torch.Tensor)
 
     def route(self, cell: Cell) -> _Route | None:
         model = self.model
         info = model.site_table.info(cell.site)
         layer, last_layer = info.layer, model.cfg.n_layers - 1
         position = None if cell.position is None else cell.position % self.n_positions
-        if info.kind in _LOCAL_KINDS and layer == last_layer and position not in (None, self.n_positions - 1):
+        if (self.skip_local and info.kind in _LOCAL_KINDS and layer == last_layer
+                and position not in (None, self.n_positions - 1)):
             return None  # a position-local change in the last block never reaches the last position
-        key = self._residual_source(cell, info)
+        key = self._residual_source(cell, info) if self.shortcuts else None
         if key is None or (layer == last_layer and not self.unembed_ok):
             self.sources.setdefault(cell.site, self.src[cell.site])
             region = cell_region(Cell(cell.site, position, cell.head), info)
+            if not self.shortcuts:  # the whole forward pass, from the embeddings
+                return _Route(0, cell.site, cell.site, region, 0)
             return _Route(layer, cell.site, cell.site, region, position or 0)
         site = model.site("resid_post", last_layer) if layer == last_layer else model.site("resid_pre", layer + 1)
         region = cell_region(Cell(site, position), model.site_table.info(site))
@@ -249,8 +260,9 @@ class _Router:
         mlp = model.mlp(layer)
         norm = model.mlp_norm(layer)
         scale = float(ref[post].abs().max())
-        if not (torch.equal(ref[pre] + ref[site], ref[mid])
-                and torch.allclose(mlp(norm(ref[mid])), ref[mlp_out], rtol=1e-4, atol=1e-6 * scale)):
+        recomputed = mlp(norm(ref[mid]))
+        if not (torch.equal(ref[pre] + ref[site], ref[mid]) and isinstance(recomputed, torch.Tensor)
+                and torch.allclose(recomputed, ref[mlp_out], rtol=1e-4, atol=1e-6 * scale)):
             return None
         patched_mid = ref[pre] + self.src[site]
         patched = patched_mid + mlp(norm(patched_mid))
@@ -260,17 +272,16 @@ class _Router:
 
 
 def _base_sites(model: Model, cells: Sequence[Cell]) -> list[str]:
-    """Sites the base run keeps: the patched sites, what routes read, and every block's input."""
-    sites = []
+    """Sites the base run keeps: the patched sites, what routes read, and the inputs of the blocks runs start at."""
+    last = model.cfg.n_layers - 1
+    sites = [model.site("resid_pre", last), model.site("resid_post", last)]
     for cell in cells:
-        info = model.site_table.info(cell.site)
+        layer = model.site_table.info(cell.site).layer
         sites.append(cell.site)
-        for kind in ("resid_pre", "resid_mid", "resid_post"):
-            if model.site_table.has(kind, info.layer):
-                sites.append(model.site(kind, info.layer))
-        if info.layer + 1 < model.cfg.n_layers:
-            sites.append(model.site("resid_pre", info.layer + 1))
-    sites.append(model.site("resid_post", model.cfg.n_layers - 1))
+        sites += [model.site(kind, layer) for kind in ("resid_pre", "resid_mid", "mlp_out", "resid_post")
+                  if model.site_table.has(kind, layer)]
+        if layer < last:
+            sites.append(model.site("resid_pre", layer + 1))
     return list(dict.fromkeys(sites))
 
 
@@ -287,22 +298,24 @@ def _batches(rows: list[tuple[int, int, int, int]], n_layers: int, n_positions: 
         return (n_layers - layer) * (overhead + n * (n_positions - start))
 
     batches: list[list] = []
-    for _, group in itertools.groupby(rows, key=lambda r: r[:2]):
+    starts: list[tuple[int, int]] = []  # (first layer, first position) of each batch
+    for (layer, position), group in itertools.groupby(rows, key=lambda r: r[:2]):
         group = list(group)
         while group:
             head, group = group[:batch_size], group[batch_size:]
-            if batches:
-                last = batches[-1]
-                layer, start = last[0][0], min(last[0][1], head[0][1])
-                merged = cost(layer, start, len(last) + len(head))
-                if len(last) + len(head) <= batch_size and merged <= cost(*last[0][:2], len(last)) + cost(*head[0][:2], len(head)):
+            if batches and len(batches[-1]) + len(head) <= batch_size:
+                last, (first_layer, first_position) = batches[-1], starts[-1]
+                merged = (first_layer, min(first_position, position))
+                if cost(*merged, len(last) + len(head)) <= cost(first_layer, first_position, len(last)) + cost(layer, position, len(head)):
                     last.extend(head)
+                    starts[-1] = merged
                     continue
             batches.append(head)
+            starts.append((layer, position))
     return batches
 
 
-def _call_overhead(model: Model, router: _Router, base: Tokens, past: PastKeys) -> float:
+def _call_overhead(model: Model, router: _Router, base: Tokens, past: PastKeys, batch_size: int) -> float:
     """The fixed cost of one forward call, in token-positions of the last block (timed here, best of 3)."""
     layer, (n_prompts, n_positions) = model.cfg.n_layers - 1, base.ids.shape
     resid = router.ref[model.site("resid_pre", layer)]
@@ -321,16 +334,18 @@ def _call_overhead(model: Model, router: _Router, base: Tokens, past: PastKeys) 
                 best = min(best, time.perf_counter() - began)
         return best
 
-    one, many = seconds(1, 1), seconds(n_prompts * 4, n_positions)
-    per_token = max(many - one, 1e-9) / (n_prompts * 4 * n_positions - 1)
+    rows = min(batch_size, n_prompts * 4)
+    one, many = seconds(1, 1), seconds(rows, n_positions)
+    per_token = max(many - one, 1e-9) / max(rows * n_positions - 1, 1)
     return one / per_token
 
 
 def _run_variants(model: Model, task: PatchingTask, rows: list[tuple[int, int, int, int]], routes: list[_Route],
-                  router: _Router, base: Tokens, past: PastKeys) -> torch.Tensor:
+                  router: _Router, base: Tokens, past: PastKeys | None) -> torch.Tensor:
     """One forward for a batch of (layer, first position, cell, prompt) rows, each patched at its cell.
 
     The batch starts at its smallest layer and position: what lies before is the base run's.
+    Without ``past`` it is a whole forward pass from the tokens.
     """
     layer, start = min(r[0] for r in rows), min(r[1] for r in rows)
     prompts = torch.tensor([r[3] for r in rows])
@@ -351,11 +366,15 @@ def _run_variants(model: Model, task: PatchingTask, rows: list[tuple[int, int, i
             return torch.where(mask.to(act.device), patch.to(act), act)
 
         interventions.append(interp.Apply(site, patch_fn))
+    tokens = Tokens(base.ids[prompts], None if base.mask is None else base.mask[prompts])
+    if past is None:
+        with model.intervene(*interventions):
+            return task.metric(model(tokens)[:, -1], prompts)
     resid_site = model.site("resid_pre", layer)
     resid = _suffix(router.ref[resid_site][prompts], model.site_table.info(resid_site), start)
-    tokens = Tokens(base.ids[prompts], None if base.mask is None else base.mask[prompts])
     last = model.cfg.n_layers - 1
-    trim = not any(model.site_table.info(site).layer == last and model.site_table.info(site).kind in _MLP_KINDS for site, _ in by_patch)
+    trim = router.trim_ok and not any(model.site_table.info(site).layer == last and model.site_table.info(site).kind in _MLP_KINDS
+                                      for site, _ in by_patch)
     with model.intervene(*interventions), _last_position_mlp(model.mlp(last)) if trim else contextlib.nullcontext():
         logits = model.forward_from(layer, resid, tokens, last_only=True, past=past.take(prompts, start, layer) if start else None)
     return task.metric(logits[:, -1], prompts)
