@@ -17,6 +17,8 @@ rules) and the full activation-patching sweep over the same cells; prints the co
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import time
 import warnings
@@ -54,7 +56,7 @@ def transformer_lens_part(prompts: int, d_vocab: int) -> dict:
 
     start = time.perf_counter()
     _, clean_cache = model.module.run_with_cache(task.clean.ids)
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # quiet its progress bars
         expected = {
             "resid_pre": tlp.get_act_patch_resid_pre(model.module, task.corrupt.ids, clean_cache, metric),
             "attn_out": tlp.get_act_patch_attn_out(model.module, task.corrupt.ids, clean_cache, metric),
@@ -85,7 +87,7 @@ def embedded_part(prompts: int) -> dict:
         times["attribution patching"].append(attribution_patching(model, task).seconds)
         times["RelP (ln, identity, half)"].append(attribution_patching(model, task, rules=Rules.parse("ln,identity,half")).seconds)
     median = {k: sorted(v)[1] for k, v in times.items()}
-    sweep = activation_patching(model, task)
+    sweep = activation_patching(model, task, progress=False)
     relp = median["RelP (ln, identity, half)"]
     print(f"cells per method: {len(atp.table)}")
     for name, seconds in median.items():

@@ -94,7 +94,7 @@ def activation_patching(
     base, source, cells = plan(model, task, direction, kinds, cells, per_position=per_position, heads=heads)
     n_prompts = base.ids.shape[0]
     plain = model.active_interventions > 0
-    with torch.no_grad():
+    with torch.inference_mode():  # no autograd bookkeeping at all
         src = model.run_with_cache(source, list(dict.fromkeys(c.site for c in cells)))
         ref = model.run_with_cache(base, _base_sites(model, cells), stop_at_layer=None)
         prompt_ids = torch.arange(n_prompts, device=base.ids.device)
@@ -112,7 +112,7 @@ def activation_patching(
             final.append(index)
         else:
             todo.append(index)
-    with torch.no_grad():
+    with torch.inference_mode():
         for index in final:
             values[index] = task.metric(model.unembed(router.sources[routes[index].key][:, -1]), prompt_ids)
 
@@ -120,7 +120,7 @@ def activation_patching(
                   for index in todo for prompt in range(n_prompts))
     overhead = _call_overhead(model, router, base, past, batch_size) if rows and not plain else 0.0
     bar = tqdm(total=len(rows), desc=f"{direction} patching", unit="run", disable=not progress)
-    with torch.no_grad():
+    with torch.inference_mode():
         for chunk in _batches(rows, model.cfg.n_layers, base.ids.shape[1], batch_size, overhead):
             metric = _run_variants(model, task, chunk, routes, router, base, None if plain else past)
             for (_, _, index, prompt), value in zip(chunk, metric.tolist(), strict=True):
@@ -325,7 +325,7 @@ def _call_overhead(model: Model, router: _Router, base: Tokens, past: PastKeys, 
         take = torch.arange(rows) % n_prompts
         tokens = Tokens(base.ids[take], None if base.mask is None else base.mask[take])
         best = float("inf")
-        with torch.no_grad():
+        with torch.inference_mode():
             for _ in range(3):
                 began = time.perf_counter()
                 model.forward_from(layer, resid[take, start:], tokens, last_only=True, past=past.take(take, start) if start else None)
