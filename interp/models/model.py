@@ -413,10 +413,10 @@ class TLModel(Model):
             entries = [TransformerLensKeyValueCacheEntry(k, v) for k, v in zip(past.keys, past.values, strict=True)]
             mask = torch.ones(resid.shape[0], past.length, dtype=torch.long, device=resid.device)
             cache = TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask)
-        if last_only and not self.module.cfg.output_logits_soft_cap > 0:  # unembed the last position only
+        if last_only and not self.module.cfg.output_logits_soft_cap > 0:  # unembed the last position only (as HF's logits_to_keep)
             resid = self.module(resid, start_at_layer=layer, stop_at_layer=self.cfg.n_layers, tokens=tokens.ids,
                                 attention_mask=tokens.mask, past_kv_cache=cache)
-            return self.unembed(resid[:, -1:])
+            return self.lm_head(self.final_norm(resid)[:, -1:])
         logits = self.module(resid, start_at_layer=layer, tokens=tokens.ids, attention_mask=tokens.mask, past_kv_cache=cache)
         return logits[:, -1:] if last_only else logits
 
