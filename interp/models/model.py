@@ -57,6 +57,10 @@ class Tokens:
         """Boolean [batch, pos]: which entries are real tokens."""
         return torch.ones_like(self.ids, dtype=torch.bool) if self.mask is None else self.mask.bool()
 
+    def take(self, rows: torch.Tensor) -> Tokens:
+        """Prompts ``rows`` (repeats allowed), with their mask."""
+        return Tokens(self.ids[rows], None if self.mask is None else self.mask[rows])
+
 
 @dataclass
 class PastKeys:

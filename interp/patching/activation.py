@@ -323,7 +323,7 @@ def _call_overhead(model: Model, router: _Router, base: Tokens, past: PastKeys, 
     def seconds(rows: int, positions: int) -> float:
         start = n_positions - positions
         take = torch.arange(rows) % n_prompts
-        tokens = Tokens(base.ids[take], None if base.mask is None else base.mask[take])
+        tokens = base.take(take)
         best = float("inf")
         with torch.inference_mode():
             for _ in range(3):
@@ -366,7 +366,7 @@ def _run_variants(model: Model, task: PatchingTask, rows: list[tuple[int, int, i
             return torch.where(mask.to(act.device), patch.to(act), act)
 
         interventions.append(interp.Apply(site, patch_fn))
-    tokens = Tokens(base.ids[prompts], None if base.mask is None else base.mask[prompts])
+    tokens = base.take(prompts)
     if past is None:
         with model.intervene(*interventions):
             return task.metric(model(tokens)[:, -1], prompts)
