@@ -8,7 +8,7 @@ layer x position) with transformer_lens.patching (one forward per cell) against 
 sweep, same metric; prints both times, the speed-up and the largest difference of any cell. Run
 twice: with a 320-symbol vocabulary (the unembedding is nearly free, the hardest case for interp)
 and with GPT-2's 50,257 (as in pretrained TransformerLens models, where every full forward pays
-for logits at every position). interp is timed after a warm-up (median of 3), TransformerLens once.
+for logits at every position). interp is timed after a warm-up (median of 3, timing.interleaved), TransformerLens once.
 
 Part 2, the embedded model (SmolLM2, IOI task): attribution patching, RelP (ln, identity and half
 rules) and the full activation-patching sweep over the same cells; prints the cost ratios.
@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import io
 import json
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from interp.models.tiny import TINY_VOCAB
+from timing import interleaved  # experiments/bench/timing.py, beside this script
 
 warnings.filterwarnings("ignore")
 RESULTS = Path(__file__).resolve().parents[2] / "runs" / "bench"
@@ -63,15 +65,17 @@ def transformer_lens_part(prompts: int, d_vocab: int) -> dict:
             "mlp_out": tlp.get_act_patch_mlp_out(model.module, task.corrupt.ids, clean_cache, metric),
         }
     tl_seconds = time.perf_counter() - start
-    runs = [activation_patching(model, task, kinds, progress=False) for _ in range(4)][1:]
-    ours = sorted(runs, key=lambda r: r.seconds)[1]
+    runs = []
+    seconds = statistics.median(interleaved({"interp": lambda: runs.append(activation_patching(model, task, kinds, progress=False))},
+                                            repeats=3)["interp"])
+    ours = runs[-1]
     diff = max(float((torch.from_numpy(ours.grid(k, "metric")).float() - expected[k].float()).abs().max()) for k in kinds)
     cells = len(ours.table)
     print(f"\nTransformerLens model (6 layers, d_model 256, vocabulary {d_vocab}), {prompts} prompts x {task.clean.ids.shape[1]} tokens, {cells} cells")
     print(f"transformer_lens.patching sweep {tl_seconds:8.2f} s")
-    print(f"interp batched sweep            {ours.seconds:8.2f} s   speed-up {tl_seconds / ours.seconds:.1f}x (target >= 10x)")
+    print(f"interp batched sweep            {seconds:8.2f} s   speed-up {tl_seconds / seconds:.1f}x (target >= 10x)")
     print(f"largest difference of any cell  {diff:.2e} (target <= 1e-5)")
-    return {"d_vocab": d_vocab, "cells": cells, "transformer_lens_s": tl_seconds, "interp_s": ours.seconds, "speedup": tl_seconds / ours.seconds, "max_abs_diff": diff}
+    return {"d_vocab": d_vocab, "cells": cells, "transformer_lens_s": tl_seconds, "interp_s": seconds, "speedup": tl_seconds / seconds, "max_abs_diff": diff}
 
 
 def embedded_part(prompts: int) -> dict:
@@ -81,15 +85,13 @@ def embedded_part(prompts: int) -> dict:
     model = interp.load_model("smollm2-135m")
     task = ioi_task(model, prompts)
     print(f"\n{task.summary()}")
-    atp = attribution_patching(model, task)  # warm-up run, then timed runs
-    times = {"attribution patching": [], "RelP (ln, identity, half)": []}
-    for _ in range(3):
-        times["attribution patching"].append(attribution_patching(model, task).seconds)
-        times["RelP (ln, identity, half)"].append(attribution_patching(model, task, rules=Rules.parse("ln,identity,half")).seconds)
-    median = {k: sorted(v)[1] for k, v in times.items()}
+    rules = Rules.parse("ln,identity,half")
+    times = interleaved({"attribution patching": lambda: attribution_patching(model, task),
+                         "RelP (ln, identity, half)": lambda: attribution_patching(model, task, rules=rules)}, repeats=3)
+    median = {name: statistics.median(values) for name, values in times.items()}
     sweep = activation_patching(model, task, progress=False)
     relp = median["RelP (ln, identity, half)"]
-    print(f"cells per method: {len(atp.table)}")
+    print(f"cells per method: {len(sweep.table)}")
     for name, seconds in median.items():
         print(f"{name:32s} {seconds:8.2f} s")
     print(f"{'activation patching sweep':32s} {sweep.seconds:8.2f} s")
