@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -329,7 +330,12 @@ class HFModel(Model):
         return self.module(input_ids=tokens.ids, attention_mask=tokens.mask, use_cache=False).logits
 
     def _past_keys(self, tokens: Tokens) -> PastKeys:
-        cache = self.module(input_ids=tokens.ids, attention_mask=tokens.mask, use_cache=True).past_key_values
+        from transformers import DynamicCache
+
+        # A cache without the config keeps every position in every layer (the model's own would keep
+        # only the window of sliding-window layers); the masks still apply the window.
+        cache = DynamicCache()
+        self.module(input_ids=tokens.ids, attention_mask=tokens.mask, use_cache=True, **{self._cache_kwarg: cache})
         return PastKeys([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], seq_dim=2)
 
     def _forward_from(self, layer: int, resid: torch.Tensor, tokens: Tokens, last_only: bool, past: PastKeys | None) -> torch.Tensor:
@@ -356,7 +362,7 @@ class HFModel(Model):
             config.num_hidden_layers = len(layers) - layer
             if isinstance(saved["layer_types"], list):
                 config.layer_types = saved["layer_types"][layer:]
-            out = self.module(inputs_embeds=resid, attention_mask=tokens.mask, past_key_values=cache,
+            out = self.module(inputs_embeds=resid, attention_mask=tokens.mask, **{self._cache_kwarg: cache},
                               use_cache=cache is not None, logits_to_keep=1 if last_only else 0)
         finally:
             handle.remove()
@@ -383,8 +389,13 @@ class HFModel(Model):
         return self.module.generate(input_ids=tokens.ids, attention_mask=mask, generation_config=config)
 
     def cache_offset(self, args: tuple, kwargs: dict) -> int:
-        past = kwargs.get("past_key_values")
+        past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.x renames past_key_values to cache
         return int(past.get_seq_length()) if past is not None else 0
+
+    @property
+    def _cache_kwarg(self) -> str:
+        """The forward's name for the KV cache: ``cache`` in recent transformers, ``past_key_values`` before."""
+        return "cache" if "cache" in inspect.signature(self.module.forward).parameters else "past_key_values"
 
     def mlp(self, layer: int) -> nn.Module:
         return self._block_module(layer, self.arch.mlp)
