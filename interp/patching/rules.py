@@ -53,7 +53,7 @@ def _surrogate(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
     return value.detach() + (surrogate - surrogate.detach())
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> float:
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest difference relative to ``b``'s scale, or inf where shapes differ."""
     if a.shape != b.shape:
         return float("inf")
@@ -86,7 +86,7 @@ class _NormRule:
         has_weight = getattr(module, "weight", None) is not None
         forms = [(centred, one_plus) for centred in (False, True) for one_plus in ((False, True) if has_weight else (False,))]
         with torch.no_grad():
-            errors = {form: _close(_norm_surrogate(module, x, *form), output) for form in forms}
+            errors = {form: _relative_error(_norm_surrogate(module, x, *form), output) for form in forms}
         best = min(errors, key=errors.get)
         if errors[best] > _tolerance(output.dtype):
             raise InputError(f"RelP LN-rule: {self.name} ({type(module).__name__}) is not a LayerNorm or RMSNorm with gain w "
@@ -215,7 +215,7 @@ def _find_up(name: str, seen: dict[str, Any], act: torch.Tensor, hidden: torch.T
             parts = [None] if out.shape == hidden.shape else [0, 1] if out.shape[-1] == 2 * hidden.shape[-1] else []
             for part in parts:
                 up = out if part is None else out.chunk(2, dim=-1)[part]
-                if _close(act * up, hidden) <= _tolerance(hidden.dtype):
+                if _relative_error(act * up, hidden) <= _tolerance(hidden.dtype):
                     return key, part
     raise InputError(f"RelP half rule: the down projection's input in {name} is neither the activation's output nor the "
                      "activation's output times one linear output; this MLP's gating is not supported")
