@@ -109,13 +109,19 @@ class SitesConfig:
 
 @command(SitesConfig, "sites")
 def sites_cmd(config: SitesConfig) -> None:
-    """List a model's sites with their shapes."""
+    """List a model's sites: shape, and which tensor of which module each one reads."""
     from interp.models import load_model
 
     model = load_model(config.model)
+    typer.echo(repr(model))
+    layer = None
     for name in model.site_names(config.pattern):
         info = model.site_table.info(name)
-        typer.echo(f"{name:40s} {' x '.join(str(s) for s in info.shape)}")
+        if info.layer != layer:
+            layer = info.layer
+            typer.echo("")
+        shape = " x ".join(str(s) for s in info.shape)
+        typer.echo(f"{name:34s} {shape:26s} <- {model.site_table.reads(name)}")
 
 
 @dataclass

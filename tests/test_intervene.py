@@ -89,19 +89,27 @@ def test_bad_interventions_fail_before_running(model):
 
 def test_generation_with_positions_uses_absolute_positions():
     model = tiny_model("llama", n_layers=2)
-    prompt = "abcd"
-    plain = model.generate(prompt, max_new_tokens=6)
-    assert plain == model.generate(prompt, max_new_tokens=6)  # greedy is deterministic
+    tokens = model.tokenize("abcd")  # prompt positions 0-3; generated tokens sit at 4, 5, ...
     big = torch.full((model.cfg.d_model,), 50.0)
-    # Editing position 0 only (a prompt token) versus editing every generated token.
-    seen = []
-    recorder = interp.Apply(SITE, lambda x: (seen.append(x.shape[1]), x)[1])
-    model.generate(prompt, max_new_tokens=3, interventions=[recorder])
-    assert seen == [4, 1, 1]  # one prompt pass, then one token per step through the KV cache
-    steered = model.generate(prompt, max_new_tokens=6, interventions=[interp.Add(SITE, big, positions=[-1])])
-    assert steered != plain
-    late = model.generate(prompt, max_new_tokens=6, interventions=[interp.Add(SITE, big, positions=[100])])
-    assert late == plain  # position 100 is never reached
+
+    def generate(*interventions):
+        with model.intervene(*interventions), torch.no_grad():
+            return model._generate_ids(tokens, 6, 0.0, 1.0)[0, 4:].tolist()
+
+    plain = generate()
+    assert len(plain) == 6 and plain == generate()  # greedy is deterministic
+    passes = []
+    generate(interp.Apply(SITE, lambda x: (passes.append(x.shape[1]), x)[1]))
+    assert passes == [4, 1, 1, 1, 1, 1]  # the prompt, then one token per step through the KV cache
+    # Position 5 is the second generated token, seen alone in the third pass: the edit there changes
+    # the tokens after it and none before.
+    edited = generate(interp.Add(SITE, big, positions=[5]))
+    assert edited[:2] == plain[:2] and edited[2:] != plain[2:]
+    # Position 100 is never reached: the edit runs on every pass and applies nowhere.
+    calls = []
+    zeroed = interp.Apply(SITE, lambda x: (calls.append(1), torch.zeros_like(x))[1], positions=[100])
+    assert generate(zeroed) == plain and len(calls) == 6
+    assert generate(interp.Apply(SITE, torch.zeros_like, positions=[-1])) != plain  # the same edit where it applies
 
 
 def test_sampling_is_seeded():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -22,9 +23,29 @@ def plain_logits(model, tokens):
     return model.module(input_ids=tokens.ids, attention_mask=tokens.mask).logits
 
 
-def attach_identity_everywhere(model, copy: bool):
-    fn = (lambda x: x.clone()) if copy else (lambda x: x)
-    return [model.site_table.hook(name).attach(fn) for name in model.site_names()]
+def attach_identity_everywhere(model, copy: bool, calls: Counter):
+    def identity(name):
+        def fn(x):
+            calls[name] += 1
+            return x.clone() if copy else x
+
+        return fn
+
+    return [model.site_table.hook(name).attach(identity(name)) for name in model.site_names()]
+
+
+def expected_calls(model, tokens) -> Counter:
+    """Once per site for HF models; for TransformerLens, what TL's own hook API counts per hook point
+    (TL calls ln1 once for each of the query, key and value inputs)."""
+    if model.cfg.backend == "hf":
+        return Counter({name: 1 for name in model.site_names()})
+    counts: Counter = Counter()
+
+    def count(_act, hook):
+        counts[hook.name] += 1
+
+    model.module.run_with_hooks(tokens.ids, attention_mask=tokens.mask, fwd_hooks=[(lambda _name: True, count)])
+    return counts
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -33,13 +54,17 @@ def test_identity_hooks_are_bit_exact_on_tiny_models(family, copy):
     model = tiny_model(family)
     tokens = model.tokenize(PROMPTS)  # unequal lengths: exercises the padding mask too
     reference = plain_logits(model, tokens)
-    handles = attach_identity_everywhere(model, copy)
+    calls: Counter = Counter()
+    handles = attach_identity_everywhere(model, copy, calls)
     try:
         hooked = model(tokens)
     finally:
         for handle in handles:
             handle.remove()
     assert torch.equal(hooked, reference)
+    expected = expected_calls(model, tokens)
+    assert len(expected) >= 9 * model.cfg.n_layers
+    assert calls == expected  # every hook ran, as often as the model reaches its site
     assert torch.equal(plain_logits(model, tokens), reference)  # hooks removed cleanly
     if model.cfg.backend == "hf":
         assert not model.module.config._attn_implementation.startswith("interp")
@@ -50,28 +75,16 @@ def test_identity_hooks_are_bit_exact_on_embedded_model(embedded):
     tokens = embedded.tokenize(PROMPTS)
     reference = plain_logits(embedded, tokens)
     assert torch.equal(embedded(tokens), reference)
-    handles = attach_identity_everywhere(embedded, copy=True)
+    calls: Counter = Counter()
+    handles = attach_identity_everywhere(embedded, True, calls)
     try:
         hooked = embedded(tokens)
     finally:
         for handle in handles:
             handle.remove()
     assert torch.equal(hooked, reference)
-
-
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "olmo"])
-def test_pattern_site_equals_hf_eager_attentions(family):
-    model = tiny_model(family)
-    tokens = model.tokenize(PROMPTS)
-    cache = model.run_with_cache(tokens, "blocks.*.attn.hook_pattern", stop_at_layer=None)
-    model.module.config._attn_implementation = "eager"
-    try:
-        out = model.module(input_ids=tokens.ids, attention_mask=tokens.mask, output_attentions=True)
-    finally:
-        model.module.config._attn_implementation = "sdpa"
-    for layer, expected in enumerate(out.attentions):
-        torch.testing.assert_close(cache["pattern", layer], expected, rtol=0, atol=1e-6)
-    assert torch.equal(cache.logits, plain_logits(model, tokens))
+    assert calls == Counter({name: 1 for name in embedded.site_names()})
+    assert len(calls) == 2 + 10 * embedded.cfg.n_layers
 
 
 def test_editing_the_pattern_changes_the_output():
@@ -103,16 +116,50 @@ def test_resid_mid_write_reaches_mlp_and_residual():
     torch.testing.assert_close(cache["resid_post", 0], cache["resid_mid", 0] + cache["mlp_out", 0])
 
 
-def test_transformer_lens_cache_equals_tl_run_with_cache():
-    model = tiny_model("transformer_lens")
-    tokens = torch.randint(3, 300, (2, 7))
-    _, tl_cache = model.module.run_with_cache(tokens)
-    ours = model.run_with_cache(tokens, stop_at_layer=None)
-    names = [n for n in tl_cache.keys() if n in model.site_table]
-    assert len(names) >= 40
-    for name in names:
-        assert torch.equal(ours[name], tl_cache[name]), name
-    assert torch.equal(ours.logits, model.module(tokens))
+def test_transformer_lens_sites_equal_hf_hidden_states_of_the_converted_model():
+    """A tiny HF GPT-2 converted to TransformerLens: TL's sites, read through interp, against HF's own tensors."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
+
+    hf = tiny_model("gpt2", n_layers=2)
+    c = hf.module.config
+    cfg = HookedTransformerConfig(n_layers=2, d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head, d_mlp=4 * c.n_embd,
+                                  n_ctx=c.n_positions, eps=c.layer_norm_epsilon, d_vocab=c.vocab_size, act_fn=c.activation_function,
+                                  normalization_type="LN")
+    tl_module = HookedTransformer(cfg)
+    tl_module.load_state_dict(convert_gpt2_weights(hf.module, cfg), strict=False)
+    tl = interp.load_model(tl_module, tokenizer=hf.tokenizer)
+    ids = hf.tokenize(["The cat sat on the mat", "Dogs bark at the moon!"]).ids
+    outputs = {}
+    blocks = hf.module.transformer.h
+    def keep(key):
+        def hook(_m, _args, out):
+            outputs[key] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+
+        return hook
+
+    handles = [m.register_forward_hook(keep(key)) for i, block in enumerate(blocks)
+               for key, m in ((f"attn{i}", block.attn), (f"mlp{i}", block.mlp), (f"block{i}", block))]
+    try:
+        with torch.no_grad():
+            out = hf.module(input_ids=ids, output_hidden_states=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    cache = tl.run_with_cache(ids, stop_at_layer=None)
+
+    def close(a, b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+    for layer in range(2):
+        close(cache["resid_pre", layer], out.hidden_states[layer])
+        close(cache["attn_out", layer], outputs[f"attn{layer}"])
+        close(cache["mlp_out", layer], outputs[f"mlp{layer}"])
+        close(cache["resid_post", layer], outputs[f"block{layer}"])
+    # GPT-2's last hidden state is ln_f's output; TL's hook_normalized comes before the gain and bias.
+    final = tl_module.ln_final
+    close(cache["ln_final.hook_normalized"] * final.w + final.b, out.hidden_states[-1])
+    close(cache.logits, out.logits)
 
 
 def test_site_shapes_match_cached_tensors():
@@ -127,14 +174,13 @@ def test_site_shapes_match_cached_tensors():
                 assert isinstance(want, str) or got == want, (info.name, tensor.shape, info.shape)
 
 
-def test_generic_fallback_finds_the_same_structure_as_the_table():
-    from interp.models.arch import ARCHS, discover_arch
+def test_generic_fallback_finds_the_same_components_as_the_tables():
+    from interp.models.arch import ARCHS, discover_components
 
-    model = tiny_model("llama")
-    found = discover_arch(model.module)
-    table = ARCHS["llama"]
-    for field in ("layers", "embed", "final_norm", "ln1", "ln2", "attn", "attn_out_proj", "mlp", "mlp_out_proj"):
-        assert getattr(found, field) == getattr(table, field), field
+    for family in ("llama", "gpt2", "gpt_neox", "qwen3"):
+        found = discover_components(tiny_model(family).module)
+        for field in ("layers", "embed", "pos_embed", "attn", "attn_out_proj", "mlp", "mlp_out_proj"):
+            assert getattr(found, field) == getattr(ARCHS[family], field), (family, field)
     phi3 = tiny_model("phi3").arch  # registers o_proj before its fused qkv_proj
     assert (phi3.attn_out_proj, phi3.mlp_out_proj) == ("self_attn.o_proj", "mlp.down_proj")
 

@@ -1,9 +1,16 @@
-"""Where each site lives in a HF decoder-only model: a small table per family plus a fallback.
+"""Where each site lives in a HF decoder-only model.
 
-An ``Arch`` names module paths (dotted, relative to the HF model root, or to one decoder layer
-for the per-layer fields). The unembedding is always ``get_output_embeddings()``. Unknown architectures are mapped by structure: the longest
-``ModuleList`` of identical blocks is the layer stack, and inside a block the attention, MLP and
-norm children are recognised by name and class.
+Two steps. First the components: the decoder-layer stack, and in a block the attention and MLP
+modules with their output projections, from a small table per family or, for an unseen family,
+by structure (the ``ModuleList`` of identical blocks holding the most parameters; attention and
+MLP children recognised by name; the output projection is the last linear writing the model
+width). Second the norms and the residual stream, which are never read off names or child order:
+``structure.trace_structure`` follows the tensors of one probe forward to see which norm feeds
+the attention, which the MLP, which normalises their outputs ("sandwich" norms), where the
+residual stream between attention and MLP is, and which norm feeds the unembedding.
+
+An ``Arch`` names module paths: dotted, relative to the HF model root, or to one decoder layer
+for the per-layer fields. The unembedding is always ``get_output_embeddings()``.
 """
 
 from __future__ import annotations
@@ -20,25 +27,36 @@ class Arch:
     family: str
     layers: str  # the ModuleList of decoder layers
     embed: str
-    final_norm: str
     # relative to one decoder layer:
-    ln1: str
-    ln2: str
     attn: str
     attn_out_proj: str  # its input is attn.hook_z (heads concatenated)
     mlp: str
     mlp_out_proj: str  # its input is mlp.hook_post
     pos_embed: str | None = None
-    parallel: bool = False  # attention and MLP both read the layer input (no resid_mid)
+    # Found by following tensors (structure.py); None where the block has no such norm.
+    final_norm: str = ""
+    ln1: str | None = None  # its output is what the attention reads
+    ln2: str | None = None  # its output is what the MLP reads (== ln1 when one norm feeds both)
+    ln1_post: str | None = None  # normalises the attention output before it joins the residual stream
+    ln2_post: str | None = None  # normalises the MLP output before it joins the residual stream
+    parallel: bool = False  # attention and MLP both read the block input (no resid_mid)
+    pattern: bool = True  # the attention runs through transformers' attention interface (pattern site)
+    # Outputs the block changes in place after the module returned them (Falcon adds attention
+    # into the MLP output): caches must copy these.
+    mutated: frozenset[str] = frozenset()
+    logit_scale: float = 1.0  # logits = lm_head(final_norm(x)) * logit_scale ...
+    logit_softcap: float | None = None  # ... then softcap * tanh(logits / softcap)
+
+    @property
+    def shared_norm(self) -> bool:
+        """One norm's output feeds both attention and MLP (GPT-J, Cohere, Phi-2)."""
+        return self.ln1 is not None and self.ln1 == self.ln2
 
 
 _LLAMA = Arch(
     family="llama",
     layers="model.layers",
     embed="model.embed_tokens",
-    final_norm="model.norm",
-    ln1="input_layernorm",
-    ln2="post_attention_layernorm",
     attn="self_attn",
     attn_out_proj="self_attn.o_proj",
     mlp="mlp",
@@ -50,9 +68,6 @@ _GPT2 = Arch(
     layers="transformer.h",
     embed="transformer.wte",
     pos_embed="transformer.wpe",
-    final_norm="transformer.ln_f",
-    ln1="ln_1",
-    ln2="ln_2",
     attn="attn",
     attn_out_proj="attn.c_proj",
     mlp="mlp",
@@ -63,9 +78,6 @@ _NEOX = Arch(
     family="gpt_neox",
     layers="gpt_neox.layers",
     embed="gpt_neox.embed_in",
-    final_norm="gpt_neox.final_layer_norm",
-    ln1="input_layernorm",
-    ln2="post_attention_layernorm",
     attn="attention",
     attn_out_proj="attention.dense",
     mlp="mlp",
@@ -83,24 +95,21 @@ ARCHS: dict[str, Arch] = {
 
 
 def arch_for(model: nn.Module) -> Arch:
-    """The table entry for ``model``'s family, or one discovered from its structure."""
-    config = getattr(model, "config", None)
-    family = getattr(config, "model_type", None)
-    if family in ARCHS:
-        arch = ARCHS[family]
-        if family == "gpt_neox":
-            arch = replace(arch, parallel=bool(getattr(config, "use_parallel_residual", True)))
-        return arch
-    return discover_arch(model)
+    """The components from ``model``'s family table (or its structure), norms by data flow."""
+    from interp.models.structure import trace_structure
+
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    components = ARCHS[family] if family in ARCHS else discover_components(model)
+    return trace_structure(model, components)
 
 
 _ATTN_NAMES = ("self_attn", "attention", "attn", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block")
-_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm")
+_POS_EMBED_NAMES = ("wpe", "embed_positions", "position_embeddings")
 
 
-def discover_arch(model: nn.Module) -> Arch:
-    """Map an unseen decoder-only model by structure (see module docstring)."""
+def discover_components(model: nn.Module) -> Arch:
+    """Layer stack, attention, MLP and their output projections of an unseen family (see module docstring)."""
     names = dict(model.named_modules())
     stacks = [
         (path, mod)
@@ -118,39 +127,24 @@ def discover_arch(model: nn.Module) -> Arch:
             if name in children:
                 return name
         raise ArchitectureError(
-            f"{type(model).__name__}: no {what} found in {type(block).__name__} "
-            f"(children: {', '.join(children)})"
+            f"{type(model).__name__}: no {what} found in {layers_path}.0 ({type(block).__name__}; "
+            f"children: {', '.join(children)})"
         )
 
     attn, mlp = child(_ATTN_NAMES, "attention module"), child(_MLP_NAMES, "MLP module")
-    norms = [name for name, mod in children.items() if "norm" in type(mod).__name__.lower()]
-    if len(norms) < 2:
-        raise ArchitectureError(f"{type(model).__name__}: expected two norms in each block, found {norms}")
-    inside = layers_path + "."
-    final_norms = [
-        path
-        for path, mod in names.items()
-        if not path.startswith(inside)
-        and path.rsplit(".", 1)[-1] in _FINAL_NORM_NAMES
-        and "norm" in type(mod).__name__.lower()
-    ]
-    if not final_norms:
-        raise ArchitectureError(f"{type(model).__name__}: no final norm found")
-    embed = _path_of(names, model.get_input_embeddings())
     config = getattr(model, "config", None)
-    parallel = bool(getattr(config, "use_parallel_residual", False) or getattr(config, "parallel_attn", False))
+    inside = layers_path + "."
+    pos_embed = [path for path, mod in names.items()
+                 if isinstance(mod, nn.Embedding) and not path.startswith(inside) and path.rsplit(".", 1)[-1] in _POS_EMBED_NAMES]
     return Arch(
         family=f"generic:{getattr(config, 'model_type', type(model).__name__)}",
         layers=layers_path,
-        embed=embed,
-        final_norm=final_norms[-1],
-        ln1=norms[0],
-        ln2=norms[1],
+        embed=_path_of(names, model.get_input_embeddings()),
+        pos_embed=pos_embed[0] if len(pos_embed) == 1 else None,
         attn=attn,
         attn_out_proj=f"{attn}.{_output_linear(getattr(block, attn), config)}",
         mlp=mlp,
         mlp_out_proj=f"{mlp}.{_output_linear(getattr(block, mlp), config)}",
-        parallel=parallel,
     )
 
 
@@ -165,6 +159,7 @@ def _output_linear(module: nn.Module, config: object) -> str:
     """The output projection: the last linear-like child whose output has the model width.
 
     (Registration order alone misleads: Phi-3 registers o_proj before its fused qkv_proj.)
+    ``structure.trace_structure`` then checks that its output is what the module returns.
     """
     width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     linear = [
@@ -173,7 +168,8 @@ def _output_linear(module: nn.Module, config: object) -> str:
         if name and (isinstance(mod, nn.Linear) or type(mod).__name__ in ("Conv1D", "Linear"))
     ]
     if not linear:
-        raise ArchitectureError(f"no linear layer inside {type(module).__name__}")
+        raise ArchitectureError(f"no linear layer inside {type(module).__name__}: mixture-of-experts MLPs (one output "
+                                "projection per expert) have no single mlp.hook_post and are not supported")
     writes_width = [name for name, mod in linear if _out_features(mod) == width]
     return (writes_width or [name for name, _ in linear])[-1]
 

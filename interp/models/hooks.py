@@ -23,21 +23,36 @@ class StopForward(Exception):
     """Raised by a hook to end a forward pass early (everything needed has been seen)."""
 
 
-class SiteHook:
-    """Attach point for one site."""
+def hidden_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The hidden-state input of a module call: the first positional tensor, or ``hidden_states=``."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    value = kwargs.get("hidden_states")
+    return value if isinstance(value, torch.Tensor) else None
 
-    #: True where a replacement is written into the tensor in place, so readers must copy.
+
+class SiteHook:
+    """Attach point for one site; ``reads`` says in words which tensor of which module it is."""
+
+    #: True where the tensor may change in place after the hook saw it, so readers must copy.
     mutable: bool = False
+    reads: str = ""
 
     def attach(self, fn: HookFn) -> RemovableHandle:
         raise NotImplementedError
 
 
 class OutputHook(SiteHook):
-    """A module's output (the first element when the module returns a tuple)."""
+    """A module's output (the first element when the module returns a tuple).
 
-    def __init__(self, module: nn.Module):
+    ``mutable``: the model changes this output in place after the module returned it (Falcon adds
+    the attention output into the MLP's), so a reader must copy it.
+    """
+
+    def __init__(self, module: nn.Module, reads: str = "", *, mutable: bool = False):
         self.module = module
+        self.reads = reads
+        self.mutable = mutable
 
     def attach(self, fn: HookFn) -> RemovableHandle:
         def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
@@ -53,39 +68,45 @@ class OutputHook(SiteHook):
 class InputHook(SiteHook):
     """A module's first input; with ``n_heads`` the last dim is viewed as (heads, d_head)."""
 
-    def __init__(self, module: nn.Module, n_heads: int | None = None):
+    def __init__(self, module: nn.Module, reads: str = "", *, n_heads: int | None = None):
         self.module = module
+        self.reads = reads
         self.n_heads = n_heads
 
     def attach(self, fn: HookFn) -> RemovableHandle:
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> Any:
-            flat = args[0] if args else kwargs["hidden_states"]
+            flat = hidden_input(args, kwargs)
             value = flat.unflatten(-1, (self.n_heads, -1)) if self.n_heads else flat
             new = fn(value)
             if new is None or new is value:
                 return None
-            if self.n_heads:
-                new = new.flatten(-2)
-            if args:
-                return (new, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": new}
+            return replace_hidden_input(args, kwargs, new.flatten(-2) if self.n_heads else new)
 
         return self.module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def replace_hidden_input(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:
+    """(args, kwargs) of a module call with its hidden-state input replaced by ``new``."""
+    if args and isinstance(args[0], torch.Tensor):
+        return (new, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": new}
+
+
 class InPlaceInputHook(InputHook):
-    """A norm's input that is also the residual stream it is added back to (``hook_resid_mid``).
+    """The residual stream between attention and MLP (``hook_resid_mid``), read where the MLP branch takes it.
 
     The block computes ``resid_mid = resid_pre + attn_out`` and hands that same tensor to the
-    second norm and to the residual connection. Writing into it in place therefore changes
-    both, exactly as replacing the residual stream would; reading it needs no extra hook.
+    MLP branch (its norm, or the MLP itself where no norm comes first) and to the residual
+    connection. Writing into it in place therefore changes both, exactly as replacing the
+    residual stream would (``structure.py`` checks this on every model it maps); reading it
+    needs no extra hook.
     """
 
     mutable = True
 
     def attach(self, fn: HookFn) -> RemovableHandle:
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            value = args[0] if args else kwargs["hidden_states"]
+            value = hidden_input(args, kwargs)
             new = fn(value)
             if new is not None and new is not value:
                 value.copy_(new)
@@ -105,9 +126,10 @@ class PatternHook(SiteHook):
     last pattern hook is removed.
     """
 
-    def __init__(self, attn: nn.Module, config: Any):
+    def __init__(self, attn: nn.Module, config: Any, reads: str = ""):
         self.attn = attn
         self.config = config
+        self.reads = reads
 
     def attach(self, fn: HookFn) -> RemovableHandle:
         return _PatternHandle(self.attn, self.config, fn)  # type: ignore[return-value]
@@ -169,15 +191,21 @@ def pattern_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention with the pattern passed through the module's pattern hooks (see ``PatternHook``)."""
+    """Attention with the pattern passed through the module's pattern hooks (see ``PatternHook``).
+
+    The gradient is the eager computation's: where the hooks returned a tensor of their own (a
+    cache capturing the pattern), the output's gradient flows through that tensor, so it carries
+    d(output)/d(pattern), even when the output's value comes from the model's own kernel.
+    """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if getattr(module.config, "attn_logit_softcapping", None):
-        raise NotImplementedError("attention-pattern sites do not support logit soft-capping")
     groups = query.shape[1] // key.shape[1]
     keys = key.repeat_interleave(groups, dim=1) if groups > 1 else key  # grouped-query attention
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, keys.transpose(-1, -2)) * scale
+    softcap = kwargs.get("softcap")
+    if softcap:  # Gemma 2: logits soft-capped before the mask, as its eager path does
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is None:  # the mask builder left causality to the kernel
         q, k = scores.shape[-2:]
         future = torch.ones(q, k, dtype=torch.bool, device=scores.device).triu(k - q + 1)
@@ -187,9 +215,10 @@ def pattern_attention(
     else:
         scores = scores + attention_mask[..., : keys.shape[-2]]
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    edited = pattern
     hooks = list(_pattern_hooks.get(module, {}).values())
     frozen = any(fn is _freeze_pattern for fn in hooks)
+    shown = pattern.detach() if frozen else pattern  # AH-rule: no gradient into queries and keys
+    edited = shown
     for fn in hooks:
         new = fn(edited)
         if new is not None:
@@ -202,11 +231,12 @@ def pattern_attention(
         original = ALL_ATTENTION_FUNCTIONS.get_interface(_pattern_users[id(module.config)][1], family_eager)
         if original is not None:
             out = original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)[0]
-            if frozen:  # same values; the gradient flows through the values only
-                linear = torch.matmul(pattern.detach(), values).transpose(1, 2).contiguous()
+            if edited is not pattern and torch.is_grad_enabled():
+                # Same values; the gradient flows through the hooks' pattern and the values.
+                linear = torch.matmul(edited, values).transpose(1, 2).contiguous()
                 out = out.detach() + (linear - linear.detach())
-            return out, pattern
-    edited = nn.functional.dropout(edited.detach() if frozen else edited, p=dropout, training=module.training)
+            return out, edited
+    edited = nn.functional.dropout(edited, p=dropout, training=module.training)
     return torch.matmul(edited, values).transpose(1, 2).contiguous(), edited
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -18,6 +19,7 @@ from torch import nn
 
 from interp.errors import InputError
 from interp.models.arch import Arch
+from interp.models.hooks import replace_hidden_input
 from interp.models.sites import SiteInfo, SiteTable
 
 if TYPE_CHECKING:
@@ -274,7 +276,11 @@ class Model:
         raise NotImplementedError
 
     def mlp_norm(self, layer: int) -> nn.Module:
-        """The norm in front of block ``layer``'s MLP."""
+        """The norm whose output block ``layer``'s MLP reads (``nn.Identity`` where it reads the residual stream)."""
+        raise NotImplementedError
+
+    def mlp_branch(self, layer: int) -> nn.Module:
+        """Block ``layer``'s MLP branch: ``hook_resid_mid`` in, ``hook_mlp_out`` out (norm, MLP, post-norm)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------- unembedding
@@ -287,8 +293,12 @@ class Model:
         raise NotImplementedError
 
     def unembed(self, resid: torch.Tensor, *, apply_norm: bool = True) -> torch.Tensor:
-        """Logits from a residual-stream vector (through the final norm unless ``apply_norm=False``)."""
-        return self.lm_head(self.final_norm(resid) if apply_norm else resid)
+        """Logits from a residual-stream vector (through the final norm unless ``apply_norm=False``),
+        with whatever the model does after its unembedding (logit scaling, soft-capping)."""
+        return self._logit_transform(self.lm_head(self.final_norm(resid) if apply_norm else resid))
+
+    def _logit_transform(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
 
     # --------------------------------------------------------------- nnsight
     @property
@@ -320,33 +330,42 @@ class HFModel(Model):
         return self.module(input_ids=tokens.ids, attention_mask=tokens.mask, use_cache=False).logits
 
     def _past_keys(self, tokens: Tokens) -> PastKeys:
-        cache = self.module(input_ids=tokens.ids, attention_mask=tokens.mask, use_cache=True).past_key_values
+        from transformers import DynamicCache
+
+        # A cache without the config keeps every position in every layer (the model's own would keep
+        # only the window of sliding-window layers); the masks still apply the window.
+        cache = DynamicCache()
+        self.module(input_ids=tokens.ids, attention_mask=tokens.mask, use_cache=True, **{self._cache_kwarg: cache})
         return PastKeys([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], seq_dim=2)
 
     def _forward_from(self, layer: int, resid: torch.Tensor, tokens: Tokens, last_only: bool, past: PastKeys | None) -> torch.Tensor:
-        # The model's own forward on a shortened layer list: embeddings are bypassed with
-        # inputs_embeds, so everything else (rotary positions, masks, final norm) is its own code.
-        # Attention modules keep their layer_idx, so a cache holding every layer lines up.
+        # The model's own forward on a shortened layer list, so everything else (rotary positions,
+        # masks, final norm) is its own code. ``resid`` goes in as inputs_embeds for the shapes, and
+        # becomes the first block's input exactly: whatever the model does to its embeddings (GPT-2's
+        # positions, Gemma's scaling) is replaced, not undone. Attention modules keep their
+        # layer_idx, so a cache holding every layer lines up.
         from transformers import DynamicCache
 
         parent_path, _, name = self.arch.layers.rpartition(".")
         parent = self.module.get_submodule(parent_path)
         layers, config = getattr(parent, name), self.module.config
         saved = {"num_hidden_layers": config.num_hidden_layers, "layer_types": getattr(config, "layer_types", None)}
-        start = past.length if past is not None else 0
-        inputs = resid
-        if self.arch.pos_embed:  # GPT-2 adds position embeddings to inputs_embeds itself
-            positions = torch.arange(start, start + resid.shape[1], device=resid.device)
-            inputs = resid - self.module.get_submodule(self.arch.pos_embed)(positions)
         cache = DynamicCache(list(zip(past.keys, past.values, strict=True))) if past is not None else None
+
+        def substitute(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            return replace_hidden_input(args, kwargs, resid)
+
+        # Before any intervention at this block's resid_pre, which must see ``resid``.
+        handle = layers[layer].register_forward_pre_hook(substitute, with_kwargs=True, prepend=True)
         try:
             setattr(parent, name, nn.ModuleList(list(layers)[layer:]))
             config.num_hidden_layers = len(layers) - layer
             if isinstance(saved["layer_types"], list):
                 config.layer_types = saved["layer_types"][layer:]
-            out = self.module(inputs_embeds=inputs, attention_mask=tokens.mask, past_key_values=cache,
+            out = self.module(inputs_embeds=resid, attention_mask=tokens.mask, **{self._cache_kwarg: cache},
                               use_cache=cache is not None, logits_to_keep=1 if last_only else 0)
         finally:
+            handle.remove()
             setattr(parent, name, layers)
             config.num_hidden_layers = saved["num_hidden_layers"]
             if isinstance(saved["layer_types"], list):
@@ -370,14 +389,30 @@ class HFModel(Model):
         return self.module.generate(input_ids=tokens.ids, attention_mask=mask, generation_config=config)
 
     def cache_offset(self, args: tuple, kwargs: dict) -> int:
-        past = kwargs.get("past_key_values")
+        past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.x renames past_key_values to cache
         return int(past.get_seq_length()) if past is not None else 0
 
+    @property
+    def _cache_kwarg(self) -> str:
+        """The forward's name for the KV cache: ``cache`` in recent transformers, ``past_key_values`` before."""
+        return "cache" if "cache" in inspect.signature(self.module.forward).parameters else "past_key_values"
+
     def mlp(self, layer: int) -> nn.Module:
-        return self.module.get_submodule(f"{self.arch.layers}.{layer}.{self.arch.mlp}")
+        return self._block_module(layer, self.arch.mlp)
 
     def mlp_norm(self, layer: int) -> nn.Module:
-        return self.module.get_submodule(f"{self.arch.layers}.{layer}.{self.arch.ln2}")
+        return self._block_module(layer, self.arch.ln2)
+
+    def mlp_branch(self, layer: int) -> nn.Module:
+        return nn.Sequential(self.mlp_norm(layer), self.mlp(layer), self._block_module(layer, self.arch.ln2_post))
+
+    def _block_module(self, layer: int, path: str | None) -> nn.Module:
+        return self.module.get_submodule(f"{self.arch.layers}.{layer}.{path}") if path else nn.Identity()
+
+    def _logit_transform(self, logits: torch.Tensor) -> torch.Tensor:
+        from interp.models.structure import transform_logits
+
+        return transform_logits(self.arch, logits)
 
     @property
     def final_norm(self) -> nn.Module:
@@ -449,6 +484,10 @@ class TLModel(Model):
     def mlp_norm(self, layer: int) -> nn.Module:
         return self.module.blocks[layer].ln2
 
+    def mlp_branch(self, layer: int) -> nn.Module:
+        block = self.module.blocks[layer]
+        return nn.Sequential(block.ln2, block.mlp, getattr(block, "ln2_post", None) or nn.Identity())
+
     @property
     def final_norm(self) -> nn.Module:
         return self.module.ln_final if getattr(self.module, "ln_final", None) is not None else nn.Identity()
@@ -456,6 +495,10 @@ class TLModel(Model):
     @property
     def lm_head(self) -> nn.Module:
         return _TLUnembed(self.module.unembed)
+
+    def _logit_transform(self, logits: torch.Tensor) -> torch.Tensor:
+        cap = self.module.cfg.output_logits_soft_cap
+        return torch.tanh(logits / cap) * cap if cap > 0 else logits
 
     def _make_nnsight(self) -> Any:
         import nnsight

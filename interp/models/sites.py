@@ -45,10 +45,12 @@ LAYER_SITES = (
     ("ln1.hook_normalized", "ln1"),
     ("attn.hook_pattern", "pattern"),
     ("attn.hook_z", "z"),
+    ("ln1_post.hook_normalized", "ln1_post"),
     ("hook_attn_out", "attn_out"),
     ("hook_resid_mid", "resid_mid"),
     ("ln2.hook_normalized", "ln2"),
     ("mlp.hook_post", "mlp_post"),
+    ("ln2_post.hook_normalized", "ln2_post"),
     ("hook_mlp_out", "mlp_out"),
     ("hook_resid_post", "resid_post"),
 )
@@ -60,6 +62,8 @@ KIND_ALIASES = {
     "mlp.hook_post": "mlp_post",
     "ln1_normalized": "ln1",
     "ln2_normalized": "ln2",
+    "ln1_post_normalized": "ln1_post",
+    "ln2_post_normalized": "ln2_post",
     "attn_pattern": "pattern",
 }
 
@@ -89,6 +93,10 @@ class SiteTable:
 
     def hook(self, name: str) -> SiteHook:
         return self._entries[self.check(name)][1]
+
+    def reads(self, name: str) -> str:
+        """Which tensor of which module the site is, in words (``interp sites`` prints it)."""
+        return self.hook(name).reads
 
     def name_of(self, kind: str, layer: int | None = None) -> str:
         """``("resid_post", 12)`` -> ``"blocks.12.hook_resid_post"``; full names pass through."""
@@ -158,43 +166,68 @@ def _layer_info(layer: int, rank: int, kind: str, suffix: str, d_model: int, d_m
 
 
 def hf_site_table(model: nn.Module, arch: Arch, dims: dict[str, int], model_name: str) -> SiteTable:
-    """Sites of a HF model: hooks on its own modules, nothing copied or wrapped."""
+    """Sites of a HF model: hooks on its own modules, nothing copied or wrapped.
+
+    A site that a block lacks is absent (``SiteTable.has``): resid_mid in parallel blocks, ln1 / ln2
+    where attention or MLP read the residual stream directly (OLMo 2), the post-norm sites where
+    attention and MLP outputs are not normalised, the pattern where the attention does not run
+    through transformers' attention interface.
+    """
     get = model.get_submodule
     d_model, d_mlp, n_heads, d_head = dims["d_model"], dims["d_mlp"], dims["n_heads"], dims["d_head"]
     entries: list[tuple[SiteInfo, SiteHook]] = [
-        (SiteInfo("hook_embed", None, "embed", ("batch", "pos", d_model), 1, None, (-1, 0)), OutputHook(get(arch.embed)))
+        (SiteInfo("hook_embed", None, "embed", ("batch", "pos", d_model), 1, None, (-1, 0)),
+         OutputHook(get(arch.embed), f"output of {arch.embed}"))
     ]
     if arch.pos_embed:
-        entries.append(
-            (SiteInfo("hook_pos_embed", None, "pos_embed", ("batch", "pos", d_model), 1, None, (-1, 1)), OutputHook(get(arch.pos_embed)))
-        )
+        entries.append((SiteInfo("hook_pos_embed", None, "pos_embed", ("batch", "pos", d_model), 1, None, (-1, 1)),
+                        OutputHook(get(arch.pos_embed), f"output of {arch.pos_embed}")))
     layers = get(arch.layers)
     for index, block in enumerate(layers):
-        sub = block.get_submodule
-        hooks: dict[str, SiteHook] = {
-            "resid_pre": InputHook(block),
-            "ln1": OutputHook(sub(arch.ln1)),
-            "pattern": PatternHook(sub(arch.attn), model.config),
-            "z": InputHook(sub(arch.attn_out_proj), n_heads=n_heads),
-            "attn_out": OutputHook(sub(arch.attn)),
-            "resid_mid": InPlaceInputHook(sub(arch.ln2)),
-            "ln2": OutputHook(sub(arch.ln2)),
-            "mlp_post": InputHook(sub(arch.mlp_out_proj)),
-            "mlp_out": OutputHook(sub(arch.mlp)),
-            "resid_post": OutputHook(block),
-        }
-        if arch.parallel:  # attention and MLP both read the block input: there is no resid_mid
-            del hooks["resid_mid"]
+        hooks = _block_hooks(model, arch, index, block, n_heads)
         for rank, (suffix, kind) in enumerate(LAYER_SITES):
             if kind in hooks:
                 entries.append((_layer_info(index, rank, kind, suffix, d_model, d_mlp, n_heads, d_head), hooks[kind]))
     entries.append(
         (
             SiteInfo("ln_final.hook_normalized", None, "ln_final", ("batch", "pos", d_model), 1, None, (len(layers), 0)),
-            OutputHook(get(arch.final_norm)),
+            OutputHook(get(arch.final_norm), f"output of {arch.final_norm}"),
         )
     )
     return SiteTable(entries, len(layers), model_name)
+
+
+def _block_hooks(model: nn.Module, arch: Arch, index: int, block: nn.Module, n_heads: int) -> dict[str, SiteHook]:
+    """Hooks of one decoder block's sites, by kind (see ``Arch`` for what each norm is)."""
+    sub = block.get_submodule
+    path = f"{arch.layers}.{index}"
+
+    def output(rel: str) -> OutputHook:
+        return OutputHook(sub(rel), f"output of {path}.{rel}", mutable=rel in arch.mutated)
+
+    def input_of(rel: str, note: str = "") -> InputHook:
+        return InputHook(sub(rel), f"input of {path}.{rel}{note}")
+
+    hooks: dict[str, SiteHook] = {
+        "resid_pre": InputHook(block, f"input of {path}"),
+        "z": InputHook(sub(arch.attn_out_proj), f"input of {path}.{arch.attn_out_proj}, split into heads", n_heads=n_heads),
+        "attn_out": output(arch.ln1_post or arch.attn),
+        "mlp_post": input_of(arch.mlp_out_proj),
+        "mlp_out": output(arch.ln2_post or arch.mlp),
+        "resid_post": OutputHook(block, f"output of {path}", mutable="" in arch.mutated),
+    }
+    if arch.pattern:
+        hooks["pattern"] = PatternHook(sub(arch.attn), model.config, f"softmax inside {path}.{arch.attn} (computed beside its kernel)")
+    if arch.shared_norm:  # one norm feeds both: each site reads its own consumer's input, so edits stay apart
+        shared = f" (= output of {path}.{arch.ln1}, which feeds attention and MLP)"
+        hooks["ln1"], hooks["ln2"] = input_of(arch.attn, shared), input_of(arch.mlp, shared)
+    else:
+        hooks.update({kind: output(rel) for kind, rel in (("ln1", arch.ln1), ("ln2", arch.ln2)) if rel})
+    hooks.update({kind: output(rel) for kind, rel in (("ln1_post", arch.ln1_post), ("ln2_post", arch.ln2_post)) if rel})
+    if not arch.parallel:
+        entry = arch.ln2 or arch.mlp
+        hooks["resid_mid"] = InPlaceInputHook(sub(entry), f"input of {path}.{entry} (the residual stream, written in place)")
+    return hooks
 
 
 def tl_site_table(model: nn.Module, model_name: str) -> SiteTable:
@@ -236,5 +269,5 @@ def tl_site_table(model: nn.Module, model_name: str) -> SiteTable:
             depth = (cfg.n_layers if seen_blocks else -1, len(entries))
             shape, pos_dim = (("batch", "pos", cfg.d_model), 1) if kind else (("...",), None)
             info = SiteInfo(name, None, kind or name, shape, pos_dim, None, depth)
-        entries.append((info, OutputHook(model.hook_dict[name])))
+        entries.append((info, OutputHook(model.hook_dict[name], f"TransformerLens hook point {name}")))
     return SiteTable(entries, cfg.n_layers, model_name)

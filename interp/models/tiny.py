@@ -1,10 +1,18 @@
-"""Tiny random-weight models of every supported family, for fast tests (no downloads).
+"""Tiny random-weight models of many families, for fast tests (no downloads).
 
-Each comes with a byte-level tokenizer built in memory, so text inputs work too.
+Each comes with a byte-level tokenizer built in memory, so text inputs work too. Norm gains and
+biases are drawn at random rather than left at their initial ones and zeros, so that two norms of
+a block differ, and a norm's gain convention (``w`` or Gemma's ``1 + w``) matters.
+
+Families transformers builds from a config here that interp refuses, and why (tests check each
+refusal): ``bloom`` (attention and MLP add the residual inside their modules), ``opt`` (no MLP
+module: fc1 / fc2 sit in the block), ``mixtral`` (mixture of experts: no single MLP output
+projection), ``granite`` with ``residual_multiplier != 1`` (what the branches add is scaled).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,8 +20,58 @@ import torch
 from interp.errors import InputError
 from interp.models.model import Model
 
-TINY_FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "gpt_neox_sequential", "olmo", "phi3", "transformer_lens")
 TINY_VOCAB = 320  # 256 byte symbols + specials, rounded up
+
+
+def _decoder(tf: Any, name: str, n_layers: int, d: int, **extra: Any) -> Any:
+    common = dict(vocab_size=TINY_VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=2, hidden_size=d,
+                  intermediate_size=2 * d, num_hidden_layers=n_layers, num_attention_heads=4, max_position_embeddings=256)
+    return getattr(tf, name)(**{**common, **extra})
+
+
+def _gpt_style(tf: Any, name: str, n_layers: int, d: int, **extra: Any) -> Any:
+    common = dict(vocab_size=TINY_VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=2, n_embd=d, n_layer=n_layers, n_head=4)
+    return getattr(tf, name)(**{**common, **extra})
+
+
+# family -> (transformers config class, how to build it). What each one adds to the tests is noted.
+_CONFIGS: dict[str, Callable[[Any, int, int], Any]] = {
+    "llama": lambda tf, n, d: _decoder(tf, "LlamaConfig", n, d, num_key_value_heads=2, tie_word_embeddings=False),
+    "qwen2": lambda tf, n, d: _decoder(tf, "Qwen2Config", n, d, num_key_value_heads=2),  # q/k/v biases
+    "qwen3": lambda tf, n, d: _decoder(tf, "Qwen3Config", n, d, num_key_value_heads=2, head_dim=16),  # q/k norms
+    "mistral": lambda tf, n, d: _decoder(tf, "MistralConfig", n, d, num_key_value_heads=2, sliding_window=8),
+    "gpt2": lambda tf, n, d: _gpt_style(tf, "GPT2Config", n, d, n_positions=256),
+    "gpt_neox": lambda tf, n, d: _decoder(tf, "GPTNeoXConfig", n, d, rotary_pct=0.25, use_parallel_residual=True),
+    "gpt_neox_sequential": lambda tf, n, d: _decoder(tf, "GPTNeoXConfig", n, d, rotary_pct=0.25, use_parallel_residual=False),
+    "olmo": lambda tf, n, d: _decoder(tf, "OlmoConfig", n, d),  # norms without parameters
+    "olmo2": lambda tf, n, d: _decoder(tf, "Olmo2Config", n, d),  # post-norms only: no ln1 / ln2
+    "phi3": lambda tf, n, d: _decoder(tf, "Phi3Config", n, d, num_key_value_heads=4),  # fused qkv and gate_up
+    "gemma": lambda tf, n, d: _decoder(tf, "GemmaConfig", n, d, num_key_value_heads=2, head_dim=16),  # (1 + w) gains
+    "gemma2": lambda tf, n, d: _decoder(tf, "Gemma2Config", n, d, num_key_value_heads=2, head_dim=16, sliding_window=8),
+    "gemma3": lambda tf, n, d: _decoder(tf, "Gemma3TextConfig", n, d, num_key_value_heads=2, head_dim=16, sliding_window=8),
+    "glm4": lambda tf, n, d: _decoder(tf, "Glm4Config", n, d, num_key_value_heads=2),  # sandwich norms, other names
+    "granite": lambda tf, n, d: _decoder(tf, "GraniteConfig", n, d, num_key_value_heads=2, attention_multiplier=0.5,
+                                         embedding_multiplier=2.0, logits_scaling=2.0),
+    "cohere": lambda tf, n, d: _decoder(tf, "CohereConfig", n, d, num_key_value_heads=2),  # one norm, parallel; logit scale
+    "stablelm": lambda tf, n, d: _decoder(tf, "StableLmConfig", n, d, num_key_value_heads=4),
+    "starcoder2": lambda tf, n, d: _decoder(tf, "Starcoder2Config", n, d, num_key_value_heads=2),
+    "nemotron": lambda tf, n, d: _decoder(tf, "NemotronConfig", n, d, num_key_value_heads=2, head_dim=16),  # LayerNorm (1 + w), relu^2
+    "phi": lambda tf, n, d: _decoder(tf, "PhiConfig", n, d),  # one norm feeds both, parallel
+    "gptj": lambda tf, n, d: _gpt_style(tf, "GPTJConfig", n, d, n_positions=256, rotary_dim=8),
+    "falcon": lambda tf, n, d: tf.FalconConfig(vocab_size=TINY_VOCAB, hidden_size=d, num_hidden_layers=n, num_attention_heads=4,
+                                              new_decoder_architecture=True, num_kv_heads=2, bos_token_id=0, eos_token_id=1),
+    "gpt_bigcode": lambda tf, n, d: _gpt_style(tf, "GPTBigCodeConfig", n, d, n_positions=256),  # multi-query attention
+    "codegen": lambda tf, n, d: _gpt_style(tf, "CodeGenConfig", n, d, n_positions=256, rotary_dim=8),
+    "persimmon": lambda tf, n, d: _decoder(tf, "PersimmonConfig", n, d, qk_layernorm=True),
+    "glm": lambda tf, n, d: _decoder(tf, "GlmConfig", n, d, num_key_value_heads=2),  # fused gate_up
+    "exaone4": lambda tf, n, d: _decoder(tf, "Exaone4Config", n, d, num_key_value_heads=2, head_dim=16, sliding_window=8),
+    "olmo3": lambda tf, n, d: _decoder(tf, "Olmo3Config", n, d, sliding_window=8),
+    "arcee": lambda tf, n, d: _decoder(tf, "ArceeConfig", n, d, num_key_value_heads=2),  # relu^2, not gated
+    "smollm3": lambda tf, n, d: _decoder(tf, "SmolLM3Config", n, d, num_key_value_heads=2),
+    "helium": lambda tf, n, d: _decoder(tf, "HeliumConfig", n, d, num_key_value_heads=2, head_dim=16),
+    "seed_oss": lambda tf, n, d: _decoder(tf, "SeedOssConfig", n, d, num_key_value_heads=2, head_dim=16),
+}
+TINY_FAMILIES = (*_CONFIGS, "transformer_lens")
 
 
 def byte_tokenizer() -> Any:
@@ -47,32 +105,20 @@ def tiny_model(family: str = "llama", *, n_layers: int = 2, seed: int = 0, d_mod
         )
         module = HookedTransformer(cfg)
         return wrap_module(module, tokenizer, name="tiny-transformer_lens")
+    import transformers
     from transformers import AutoModelForCausalLM
 
-    module = AutoModelForCausalLM.from_config(_hf_config(family, n_layers, d_model), dtype=torch.float32)
+    module = AutoModelForCausalLM.from_config(_CONFIGS[family](transformers, n_layers, d_model), dtype=torch.float32)
+    _randomise_norms(module)
     return wrap_module(module, tokenizer, name=f"tiny-{family}")
 
 
-def _hf_config(family: str, n_layers: int, d: int) -> Any:
-    import transformers as tf
+def _randomise_norms(module: torch.nn.Module) -> None:
+    """Norm gains and biases off their initial values (see module docstring)."""
+    from interp.models.structure import is_norm
 
-    common = dict(vocab_size=TINY_VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    decoder = dict(
-        hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layers, num_attention_heads=4,
-        max_position_embeddings=256, **common,
-    )
-    if family == "llama":
-        return tf.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **decoder)
-    if family == "qwen2":
-        return tf.Qwen2Config(num_key_value_heads=2, **decoder)
-    if family == "mistral":
-        return tf.MistralConfig(num_key_value_heads=2, sliding_window=32, **decoder)
-    if family == "olmo":
-        return tf.OlmoConfig(**decoder)
-    if family == "phi3":
-        return tf.Phi3Config(num_key_value_heads=4, **decoder)
-    if family.startswith("gpt_neox"):
-        return tf.GPTNeoXConfig(
-            rotary_pct=0.25, use_parallel_residual=family == "gpt_neox", **decoder,
-        )
-    return tf.GPT2Config(n_positions=256, n_embd=d, n_layer=n_layers, n_head=4, **common)
+    with torch.no_grad():
+        for norm in module.modules():
+            if is_norm(norm):
+                for name, param in norm.named_parameters():
+                    param.add_(torch.randn_like(param) * (0.3 if name == "weight" else 0.1))

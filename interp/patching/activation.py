@@ -114,7 +114,7 @@ def activation_patching(
             todo.append(index)
     with torch.inference_mode():
         for index in final:
-            values[index] = task.metric(model.unembed(router.sources[routes[index].key][:, -1]), prompt_ids)
+            values[index] = task.metric(model.unembed(router.final_resid(routes[index])), prompt_ids)
 
     rows = sorted((routes[index].layer, routes[index].first_position, index, prompt)
                   for index in todo for prompt in range(n_prompts))
@@ -172,7 +172,7 @@ def cell_region(cell: Cell, info) -> tuple:
 
 # Kinds whose value at a position reaches other positions only through the residual stream after
 # their block: in the last block they change the last position's logits only at the last position.
-_LOCAL_KINDS = frozenset({"z", "attn_out", "resid_mid", "ln2", "mlp_post", "mlp_out", "resid_post"})
+_LOCAL_KINDS = frozenset({"z", "ln1_post", "attn_out", "resid_mid", "ln2", "mlp_post", "ln2_post", "mlp_out", "resid_post"})
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,13 @@ class _Router:
         final = ref[model.site("resid_post", last)][:, -1:]
         self.unembed_ok = torch.allclose(model.unembed(final)[:, -1], ref.logits[:, -1], rtol=1e-5, atol=1e-5)
         # The last block's MLP may run on the last position alone if it maps a tensor to a tensor.
-        self.trim_ok = shortcuts and isinstance(model.mlp(last)(model.mlp_norm(last)(final)), torch.Tensor)
+        self.trim_ok = shortcuts and isinstance(model.mlp_branch(last)(final), torch.Tensor)
+
+    def final_resid(self, route: _Route) -> torch.Tensor:
+        """The last position of the final residual stream with ``route``'s patch (which may be elsewhere)."""
+        resid = self.ref[self.model.site("resid_post", self.model.cfg.n_layers - 1)].clone()
+        resid[route.region] = self.sources[route.key][route.region]
+        return resid[:, -1]
 
     def route(self, cell: Cell) -> _Route | None:
         model = self.model
@@ -245,7 +251,7 @@ class _Router:
 
     def _patched_resid_post(self, site: str, info) -> str | None:
         """Compute resid_post with ``site`` patched (all positions), if the block is known to be
-        resid_mid = resid_pre + attn_out and resid_post = resid_mid + mlp(norm(resid_mid))."""
+        resid_mid = resid_pre + attn_out and resid_post = resid_mid + mlp_branch(resid_mid)."""
         model, layer, ref = self.model, info.layer, self.ref
         if not model.site_table.has("resid_mid", layer):
             return None  # a parallel block: attention and MLP both read resid_pre
@@ -257,15 +263,14 @@ class _Router:
         if info.kind == "mlp_out":
             self.sources[key] = ref[mid] + self.src[site]
             return key
-        mlp = model.mlp(layer)
-        norm = model.mlp_norm(layer)
+        branch = model.mlp_branch(layer)
         scale = float(ref[post].abs().max())
-        recomputed = mlp(norm(ref[mid]))
+        recomputed = branch(ref[mid])
         if not (torch.equal(ref[pre] + ref[site], ref[mid]) and isinstance(recomputed, torch.Tensor)
                 and torch.allclose(recomputed, ref[mlp_out], rtol=1e-4, atol=1e-6 * scale)):
             return None
         patched_mid = ref[pre] + self.src[site]
-        patched = patched_mid + mlp(norm(patched_mid))
+        patched = patched_mid + branch(patched_mid)
         same = (self.src[site] == ref[site]).all(-1, keepdim=True)  # keep the base run's bits where nothing changed
         self.sources[key] = torch.where(same, ref[post], patched)
         return key

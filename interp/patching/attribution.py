@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 import interp
+from interp.errors import InputError
 from interp.patching.activation import DEFAULT_KINDS, Cell, cell_region, cell_table, plan
 from interp.patching.result import PatchingResult
 from interp.patching.rules import Rules, relevance_rules
@@ -59,15 +60,21 @@ def gradients_at(model: Model, task: PatchingTask, tokens: interp.Tokens, sites:
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Activations and d(mean metric)/d(activation) at ``sites`` on ``tokens`` (parameters get no gradient)."""
     captured: dict[str, torch.Tensor] = {}
+    values: dict[str, torch.Tensor] = {}  # for sites the model later changes in place: their value when read
 
     def leaf(act: torch.Tensor) -> torch.Tensor:  # gradients start at the embeddings; weights stay frozen
         return act.detach().requires_grad_()
 
     def capture(site: str):
         def fn(act: torch.Tensor) -> torch.Tensor:
-            fresh = act.clone()  # a node of our own, so the gradient reaching it can be read
-            fresh.retain_grad()
+            if act.requires_grad:
+                fresh = act.clone()  # a node of our own, so the gradient reaching it can be read
+                fresh.retain_grad()
+            else:  # nothing upstream needs a gradient (position embeddings; a pattern held constant)
+                fresh = act.detach().clone().requires_grad_()
             captured[site] = fresh
+            if model.site_table.hook(site).mutable:
+                values[site] = fresh.detach().clone()
             return fresh
 
         return fn
@@ -85,7 +92,14 @@ def gradients_at(model: Model, task: PatchingTask, tokens: interp.Tokens, sites:
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    acts = {s: t.detach() for s, t in captured.items()}
-    grads = {s: (t.grad if t.grad is not None else torch.zeros_like(t)).detach() for s, t in captured.items()}
-    return acts, grads
+    missing = [s for s in sites if s not in captured]
+    if missing:
+        raise InputError(f"the forward pass never reached site(s) {', '.join(missing)}, so they have no gradient")
+    # The metric reads every captured tensor in a connected model; no gradient means something cut the graph.
+    cut = [s for s, t in captured.items() if t.grad is None]
+    if cut:
+        raise InputError(f"no gradient reached site(s) {', '.join(cut)}: the graph from there to the metric is cut "
+                         "(a hook detached it, or a rule holds something between it and the metric constant, as the attention rule does "
+                         "for queries and keys), so attribution there cannot be computed")
+    return {s: values.get(s, t.detach()) for s, t in captured.items()}, {s: t.grad.detach() for s, t in captured.items()}
 

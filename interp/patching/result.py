@@ -24,14 +24,54 @@ class PatchingResult:
     seconds: float
 
     def grid(self, kind: str, column: str = "score") -> np.ndarray:
-        """[layer, position] (or [layer, head] for head cells over all positions) of one kind."""
+        """The cells of one kind as an array (NaN where the table has no cell):
+
+        - [layer, position] for cells by position, [layer, 1] for cells over all positions;
+        - [layer, head] for head cells over all positions;
+        - [layer, head, position] for head cells by position.
+
+        Positions and heads run from 0 to the largest in the table (so columns line up with token
+        positions and head numbers); cells over all positions or all heads get one extra last entry.
+        """
+        rows = self._rows(kind)
+        heads, positions = self._axis(rows, "head"), self._axis(rows, "position")
+        index = [rows["layer"].to_numpy()]
+        shape = [int(rows["layer"].max()) + 1]
+        if heads != [-1]:
+            index.append(rows["head"].map(heads.index).to_numpy())
+            shape.append(len(heads))
+        if positions != [-1] or heads == [-1]:
+            index.append(rows["position"].map(positions.index).to_numpy())
+            shape.append(len(positions))
+        out = np.full(shape, np.nan)
+        out[tuple(index)] = rows[column].to_numpy()
+        return out
+
+    def _rows(self, kind: str) -> pd.DataFrame:
         rows = self.table[self.table.kind == kind]
         if rows.empty:
             raise KeyError(f"no cells of kind {kind!r}; kinds here: {sorted(self.table.kind.unique())}")
-        axis = "head" if (rows["position"] == -1).all() and (rows["head"] >= 0).any() else "position"
-        out = np.full((rows["layer"].max() + 1, rows[axis].max() + 1), np.nan)
-        out[rows["layer"].to_numpy(), rows[axis].to_numpy()] = rows[column].to_numpy()
-        return out
+        return rows
+
+    @staticmethod
+    def _axis(rows: pd.DataFrame, column: str) -> list[int]:
+        """Values along one axis of ``grid``: 0..max, then -1 (all) if present."""
+        values = set(rows[column].tolist())
+        top = max(values)
+        return [*range(top + 1)] + ([-1] if -1 in values else [])
+
+    def axes(self, kind: str) -> tuple[np.ndarray, list[str], list[str]]:
+        """(2-D grid, row labels, column labels) of one heatmap panel: layers down (one row per layer
+        and head when heads and positions are both swept), positions or heads across."""
+        rows, grid = self._rows(kind), self.grid(kind)
+        heads, positions = self._axis(rows, "head"), self._axis(rows, "position")
+        head_names = ["all heads" if h == -1 else f"H{h}" for h in heads]
+        position_names = ["all positions" if p == -1 else self.position_labels[p] if p < len(self.position_labels) else str(p)
+                          for p in positions]
+        layers = [f"L{layer}" for layer in range(grid.shape[0])]
+        if grid.ndim == 3:
+            return grid.reshape(-1, grid.shape[2]), [f"{layer} {head}" for layer in layers for head in head_names], position_names
+        return grid, layers, head_names if heads != [-1] else position_names
 
     def correlation(self, other: PatchingResult, kind: str) -> float:
         """Pearson correlation of the scores of ``kind`` cells present in both results."""
@@ -42,19 +82,20 @@ class PatchingResult:
         return float(np.corrcoef(merged.score_a, merged.score_b)[0, 1])
 
     def heatmap(self, kinds: list[str] | None = None):
-        """A plotly figure: one layer x position (or layer x head) panel per kind."""
+        """A plotly figure: one panel per kind, layers (x heads) down, positions (or heads) across."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
         kinds = kinds or list(dict.fromkeys(self.table.kind))
-        fig = make_subplots(rows=1, cols=len(kinds), subplot_titles=kinds, shared_yaxes=True)
+        panels = [self.axes(kind) for kind in kinds]
+        shared = len({tuple(rows) for _, rows, _ in panels}) == 1
+        fig = make_subplots(rows=1, cols=len(kinds), subplot_titles=kinds, shared_yaxes=shared)
         limit = float(np.nanmax(np.abs(self.table.score.to_numpy()))) or 1.0
-        for i, kind in enumerate(kinds, start=1):
-            grid = self.grid(kind)
-            by_head = (self.table[self.table.kind == kind].position == -1).all()
-            x = [f"H{h}" for h in range(grid.shape[1])] if by_head else self.position_labels[: grid.shape[1]]
-            fig.add_trace(go.Heatmap(z=grid, x=x, y=list(range(grid.shape[0])), zmin=-limit, zmax=limit,
+        for i, (grid, row_labels, column_labels) in enumerate(panels, start=1):
+            fig.add_trace(go.Heatmap(z=grid, x=column_labels, y=row_labels, zmin=-limit, zmax=limit,
                                      colorscale="RdBu", reversescale=True, showscale=i == len(kinds)), row=1, col=i)
         fig.update_yaxes(title_text="layer", row=1, col=1)
-        fig.update_layout(title=f"{self.method} patching ({self.direction}), {self.task}", height=420 + 8 * len(self.position_labels))
+        tallest = max(len(rows) for _, rows, _ in panels)
+        fig.update_layout(title=f"{self.method} patching ({self.direction}), {self.task}",
+                          height=max(420, 120 + 18 * tallest))
         return fig

@@ -5,9 +5,9 @@ surrogate with the gradient the rule wants. The added term is exactly zero, so f
 bit-identical; only gradients change. Rules are chosen per call (``relevance_rules(model, rules)``
 is a context manager) and act through the model's own modules or hook points:
 
-- ``ln``: LayerNorm / RMSNorm with the normalising scale held constant (LN-rule);
-- ``identity``: GELU / SiLU as x * stopgrad(f(x) / x) (identity rule);
-- ``half``: gated products (SwiGLU's act(gate) * up): each factor receives half (half rule);
+- ``ln``: every norm (LayerNorm, RMSNorm, gain w or 1 + w) with its normalising scale held constant (LN-rule);
+- ``identity``: the MLP's activation (GELU, SiLU, ReLU variants) as x * stopgrad(f(x) / x) (identity rule);
+- ``half``: gated products (act(gate) * up, fused gate_up projections too): each factor receives half (half rule);
 - ``attention``: attention patterns held constant (AH-rule).
 With all four, a bias-free network is linear in its input along the backward pass, so relevance
 (input x gradient) sums to the output (conservation).
@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from interp.errors import InputError
-from interp.models.hooks import stop_pattern_gradient
+from interp.models.hooks import hidden_input, stop_pattern_gradient
+from interp.models.structure import is_norm
 
 if TYPE_CHECKING:
     from interp.models.model import Model
@@ -52,23 +53,59 @@ def _surrogate(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
     return value.detach() + (surrogate - surrogate.detach())
 
 
-def _norm_surrogate(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference relative to ``b``'s scale, or inf where shapes differ."""
+    if a.shape != b.shape:
+        return float("inf")
+    return float((a.float() - b.float()).abs().max()) / max(float(b.float().abs().max()), 1.0)
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+
+
+class _NormRule:
+    """LN-rule for one norm module: its output's value, the gradient with the normalising scale held constant.
+
+    Norms differ by family: centred (LayerNorm) or not (RMSNorm), gain ``w`` or ``1 + w`` (Gemma,
+    Nemotron), with or without gain and bias. The first call tries each form and keeps the one
+    that reproduces the module's own output; a norm no form reproduces is refused.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.form: tuple[bool, bool] | None = None  # (centred, gain is 1 + w)
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = hidden_input(args, {})
+        if self.form is None:
+            self.form = self._find_form(module, x, output)
+        return _surrogate(output, _norm_surrogate(module, x, *self.form))
+
+    def _find_form(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> tuple[bool, bool]:
+        has_weight = getattr(module, "weight", None) is not None
+        forms = [(centred, one_plus) for centred in (False, True) for one_plus in ((False, True) if has_weight else (False,))]
+        with torch.no_grad():
+            errors = {form: _relative_error(_norm_surrogate(module, x, *form), output) for form in forms}
+        best = min(errors, key=errors.get)
+        if errors[best] > _tolerance(output.dtype):
+            raise InputError(f"RelP LN-rule: {self.name} ({type(module).__name__}) is not a LayerNorm or RMSNorm with gain w "
+                             "or 1 + w (no such form reproduces its output), so the rule cannot hold its scale constant")
+        return best
+
+
+def _norm_surrogate(module: nn.Module, x: torch.Tensor, centred: bool, one_plus: bool) -> torch.Tensor:
+    eps = next((float(v) for v in (getattr(module, n, None) for n in ("variance_epsilon", "eps", "epsilon")) if v is not None), 1e-5)
     xf = x.float()
-    if isinstance(module, nn.LayerNorm) or "layernorm" in type(module).__name__.lower() and "rms" not in type(module).__name__.lower():
-        centred = xf - xf.mean(-1, keepdim=True)
-        scale = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps).detach()
-        out = centred * scale
-    else:
-        scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps).detach()
-        out = xf * scale
+    if centred:
+        xf = xf - xf.mean(-1, keepdim=True)
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps).detach()
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-    out = out.to(x.dtype)
     if weight is not None:
-        out = out * weight
+        out = out * (1.0 + weight.float() if one_plus else weight.float())
     if bias is not None:
-        out = out + bias
-    return out
+        out = out + bias.float()
+    return out.to(x.dtype)
 
 
 def _identity_surrogate(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -78,17 +115,23 @@ def _identity_surrogate(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-6) -> 
     return x * ratio.detach()
 
 
-_ACTIVATIONS = ("silu", "gelu", "swish")
+_ACTIVATIONS = ("silu", "gelu", "swish", "relu", "activation")
 
 
 def _is_activation(module: nn.Module) -> bool:
+    """An elementwise activation module (nn.SiLU, nn.GELU, transformers' *Activation classes, ReLU variants)."""
     name = type(module).__name__.lower()
     return not list(module.parameters()) and any(a in name for a in _ACTIVATIONS)
 
 
 @contextlib.contextmanager
 def relevance_rules(model: Model, rules: Rules) -> Iterator[None]:
-    """Apply ``rules`` to every forward pass inside the block."""
+    """Apply ``rules`` to every forward pass inside the block.
+
+    The rules' hooks go in front of every other hook on their modules, so a site read at a rule's
+    module (a norm's output, the MLP hidden) is the rule's output, and the gradient reaching it is
+    the gradient under the rules, whichever context was entered first.
+    """
     handles: list[Any] = []
     try:
         if model.cfg.backend == "transformer_lens":
@@ -102,62 +145,89 @@ def relevance_rules(model: Model, rules: Rules) -> Iterator[None]:
 
 
 def _hf_rules(model: Model, rules: Rules) -> list[Any]:
+    root, arch = model.module, model.arch
+    layers = root.get_submodule(arch.layers)
+    if rules.attention and not arch.pattern:
+        raise InputError(f"the attention rule holds attention patterns constant, but the attention of {model.cfg.name} "
+                         f"({type(layers[0].get_submodule(arch.attn)).__name__}) does not run through transformers' "
+                         "attention interface, where interp reaches the pattern")
     handles: list[Any] = []
-    root = model.module
-    layers = root.get_submodule(model.arch.layers)
     if rules.ln:
-        for module in root.modules():
-            if "norm" in type(module).__name__.lower():
-                handles.append(module.register_forward_hook(lambda m, args, out: _surrogate(out, _norm_surrogate(m, args[0]))))
-    for layer in layers:
-        mlp = layer.get_submodule(model.arch.mlp)
-        if rules.identity:
-            for module in mlp.modules():
-                if _is_activation(module):
-                    handles.append(module.register_forward_hook(lambda m, args, out: _surrogate(out, _identity_surrogate(args[0], out))))
-        if rules.half:
-            handles += _half_rule(model, mlp, layer)
+        handles += [module.register_forward_hook(_NormRule(name), prepend=True) for name, module in root.named_modules() if is_norm(module)]
+    for index, layer in enumerate(layers):
+        if rules.identity or rules.half:
+            handles += _mlp_rules(f"{arch.layers}.{index}.{arch.mlp}", layer.get_submodule(arch.mlp),
+                                  layer.get_submodule(arch.mlp_out_proj), rules)
     if rules.attention:
-        handles += [stop_pattern_gradient(layer.get_submodule(model.arch.attn), root.config) for layer in layers]
+        handles += [stop_pattern_gradient(layer.get_submodule(arch.attn), root.config) for layer in layers]
     return handles
 
 
-def _half_rule(model: Model, mlp: nn.Module, layer: nn.Module) -> list[Any]:
-    """SwiGLU-style MLPs (gate_proj, up_proj, down_proj): split the product's gradient in halves."""
-    if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-        if any("gate" in name for name, _ in mlp.named_children()):
-            raise InputError(f"the half rule knows gated MLPs with gate_proj/up_proj/down_proj; {type(mlp).__name__} differs")
-        return []  # not gated: nothing to do
-    seen: dict[str, torch.Tensor] = {}
-    activation = next((m for m in mlp.modules() if _is_activation(m)), None)
-    if activation is None:
-        raise InputError(f"no activation module found in {type(mlp).__name__}")
+def _mlp_rules(name: str, mlp: nn.Module, down: nn.Module, rules: Rules) -> list[Any]:
+    """Identity rule on the MLP's activation and half rule on a gated product act(gate) * up.
 
-    def split(_m: nn.Module, args: tuple) -> tuple:
-        gate, up = seen.pop("gate"), seen.pop("up")
-        surrogate = 0.5 * (gate * up.detach()) + 0.5 * (gate.detach() * up)
-        return (_surrogate(args[0], surrogate), *args[1:])
+    Which tensor is ``up`` is found on the first call by data flow: the output of one of the MLP's
+    linear layers (or one half of a fused gate_up projection) that, times the activation's output,
+    is the down projection's input. A non-gated MLP feeds the activation's output to the down
+    projection itself, and the half rule has nothing to do.
+    """
+    activations = [m for m in mlp.modules() if _is_activation(m)]
+    if not activations:
+        raise InputError(f"RelP: found no activation module in {name} ({type(mlp).__name__}); the identity and half rules "
+                         "need the activation as a module")
+    seen: dict[str, Any] = {}
 
-    return [activation.register_forward_hook(_keep_output(seen, "gate")), mlp.up_proj.register_forward_hook(_keep_output(seen, "up")),
-            mlp.down_proj.register_forward_pre_hook(split)]
+    def activation(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if rules.identity:
+            out = _surrogate(out, _identity_surrogate(hidden_input(args, {}), out))
+        seen["act"] = out
+        return out
+
+    def keep(linear: str):
+        def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            seen[linear] = out
+
+        return hook
+
+    def split(_m: nn.Module, args: tuple) -> tuple | None:
+        hidden, act = hidden_input(args, {}), seen.pop("act", None)
+        if not rules.half or act is None or act.shape != hidden.shape or torch.equal(act, hidden):
+            return None  # not a gated product
+        if "up" not in seen:
+            seen["up"] = _find_up(name, seen, act, hidden)
+        linear, part = seen["up"]
+        up = seen[linear] if part is None else seen[linear].chunk(2, dim=-1)[part]
+        product = 0.5 * (act * up.detach()) + 0.5 * (act.detach() * up)
+        return (_surrogate(hidden, product), *args[1:])
+
+    linears = [(n, m) for n, m in mlp.named_modules() if n and m is not down and isinstance(m, nn.Linear)]
+    return ([m.register_forward_hook(activation, prepend=True) for m in activations]
+            + [m.register_forward_hook(keep(f"linear:{n}")) for n, m in linears]
+            + [down.register_forward_pre_hook(split, prepend=True)])
 
 
-def _keep_output(seen: dict[str, torch.Tensor], name: str) -> Any:
-    """A forward hook that files the module's output under ``seen[name]`` for a later hook."""
-
-    def hook(_m: nn.Module, _args: Any, out: torch.Tensor) -> None:
-        seen[name] = out
-
-    return hook
+def _find_up(name: str, seen: dict[str, Any], act: torch.Tensor, hidden: torch.Tensor) -> tuple[str, int | None]:
+    """(linear, half) whose output is the ``up`` factor of hidden = act * up (see ``_mlp_rules``)."""
+    with torch.no_grad():
+        for key, out in seen.items():
+            if not key.startswith("linear:"):
+                continue
+            parts = [None] if out.shape == hidden.shape else [0, 1] if out.shape[-1] == 2 * hidden.shape[-1] else []
+            for part in parts:
+                up = out if part is None else out.chunk(2, dim=-1)[part]
+                if _relative_error(act * up, hidden) <= _tolerance(hidden.dtype):
+                    return key, part
+    raise InputError(f"RelP half rule: the down projection's input in {name} is neither the activation's output nor the "
+                     "activation's output times one linear output; this MLP's gating is not supported")
 
 
 def _transformer_lens_rules(model: Model, rules: Rules) -> list[Any]:
     points = model.module.hook_dict
     handles: list[Any] = []
     if rules.ln:
-        handles += [p.register_forward_hook(lambda m, a, out: out.detach()) for n, p in points.items() if n.endswith("hook_scale")]
+        handles += [p.register_forward_hook(_detach, prepend=True) for n, p in points.items() if n.endswith("hook_scale")]
     if rules.attention:
-        handles += [p.register_forward_hook(lambda m, a, out: out.detach()) for n, p in points.items() if n.endswith("attn.hook_pattern")]
+        handles += [p.register_forward_hook(_detach, prepend=True) for n, p in points.items() if n.endswith("attn.hook_pattern")]
     if rules.identity or rules.half:
         for layer, block in enumerate(model.module.blocks):
             handles += _transformer_lens_mlp_rules(block.mlp, points, layer, rules)
@@ -179,8 +249,23 @@ def _transformer_lens_mlp_rules(mlp: nn.Module, points: dict, layer: int, rules:
         product = 0.5 * (gate * linear.detach()) + 0.5 * (act.detach() * linear) if rules.half else gate * linear
         return _surrogate(post, product)
 
+    # hook_pre / hook_pre_linear are sites themselves: their values are kept after the hooks already
+    # there (a cache's capture), so the rebuilt gradient reaches what those hooks returned.
     handles = [points[prefix + "hook_pre"].register_forward_hook(_keep_output(seen, "pre"))]
     if prefix + "hook_pre_linear" in points:
         handles.append(points[prefix + "hook_pre_linear"].register_forward_hook(_keep_output(seen, "linear")))
-    handles.append(points[prefix + "hook_post"].register_forward_hook(rebuild))
+    handles.append(points[prefix + "hook_post"].register_forward_hook(rebuild, prepend=True))
     return handles
+
+
+def _keep_output(seen: dict[str, torch.Tensor], name: str) -> Any:
+    """A forward hook that files the module's output under ``seen[name]`` for a later hook."""
+
+    def hook(_m: nn.Module, _args: Any, out: torch.Tensor) -> None:
+        seen[name] = out
+
+    return hook
+
+
+def _detach(_m: nn.Module, _a: Any, out: torch.Tensor) -> torch.Tensor:
+    return out.detach()

@@ -16,7 +16,7 @@ import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from importlib import resources
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,7 +27,6 @@ from interp.models.model import Tokens
 if TYPE_CHECKING:
     from interp.models.model import Model
 
-DATA = Path(__file__).resolve().parents[2] / "data"
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (last-position logits [n, vocab], prompt ids [n]) -> [n]
 
 
@@ -75,10 +74,11 @@ class PatchingTask:
 
 
 def _load(name: str) -> dict:
-    path = DATA / name
+    """A task file shipped inside the package (interp/patching/data/), so it is there in any install."""
+    path = resources.files("interp.patching") / "data" / name
     if not path.is_file():
-        raise InputError(f"{path} is missing: the task data ships in the repository's data/ folder")
-    return json.loads(path.read_text())
+        raise InputError(f"{name} is missing from interp/patching/data/ (an install without the package data?)")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _single_token(model: Model, text: str) -> int | None:
