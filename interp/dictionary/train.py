@@ -5,7 +5,9 @@
    ``eval_tokens`` rows that training never reads;
 2. trains one dictionary per value of ``k`` in lockstep from one read of the store (Adam, linear
    warm-up and decay, unit-norm decoder rows, AuxK on latents dead for ``auxk_dead_tokens``);
-3. checkpoints every ``checkpoint_every`` steps (atomically) and resumes exactly with ``--resume``;
+3. checkpoints every ``checkpoint_every`` steps (``checkpoint.py``: versioned folders and an
+   atomically replaced pointer, so a crash at any moment leaves a checkpoint) and resumes exactly
+   with ``--resume``;
 4. evaluates every dictionary (``metrics.py``), prints the table and writes ``metrics.json``, the
    dictionaries (own format) and their SAELens exports.
 
@@ -15,7 +17,6 @@ checkpoint stays as it was.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,16 +25,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import interp_kernels as K
 from interp.config import config_dict, opt, parse_count, write_config
-from interp.dictionary import io
+from interp.dictionary import checkpoint, io
 from interp.dictionary.metrics import metrics_table, reconstruction_metrics, splice_metrics
 from interp.dictionary.sae import DictionaryConfig, SparseDictionary, jumprelu_l0
 from interp.errors import InputError, TrainingError
-from interp.paths import atomic_directory, interp_home
+from interp.paths import file_lock, interp_home, write_json
 from interp.store import ActivationStore, HarvestConfig, harvest
 
 
@@ -278,21 +278,17 @@ class Trainer:
 
     # ----------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
-        with atomic_directory(self.config.out / "checkpoint") as tmp:
-            for name, d in self.dictionaries.items():
-                tensors = {f"model.{k}": v.detach().contiguous() for k, v in d.state_dict().items()}
-                tensors.update(_optimizer_tensors(self.optimizers[name]))
-                tensors["since_fired"] = self.since_fired[name]
-                save_file(tensors, str(tmp / f"{name}.safetensors"))
-            state = {"step": self.step, "loader": self.loader.state_dict(), "history": self.history,
-                     "config": config_dict(self.config), "d_in": self.store.d(self.in_site), "lr": self.lr}
-            (tmp / "state.json").write_text(json.dumps(state))
+        tensors = {}
+        for name, d in self.dictionaries.items():
+            tensors[name] = {f"model.{k}": v.detach().contiguous() for k, v in d.state_dict().items()}
+            tensors[name].update(_optimizer_tensors(self.optimizers[name]))
+            tensors[name]["since_fired"] = self.since_fired[name]
+        state = {"step": self.step, "loader": self.loader.state_dict(), "history": self.history,
+                 "config": config_dict(self.config), "d_in": self.store.d(self.in_site), "lr": self.lr}
+        checkpoint.save(self.config.out, self.step, tensors, state)
 
     def load_checkpoint(self) -> None:
-        folder = self.config.out / "checkpoint"
-        if not (folder / "state.json").exists():
-            raise InputError(f"--resume: {folder} holds no checkpoint")
-        state = json.loads((folder / "state.json").read_text())
+        folder, state = checkpoint.load(self.config.out)
         if state["d_in"] != self.store.d(self.in_site):
             raise InputError(f"--resume: the checkpoint has d_in={state['d_in']}, the site has {self.store.d(self.in_site)}")
         saved = {k: v for k, v in state["config"].items() if k not in ("resume",)}
@@ -301,7 +297,7 @@ class Trainer:
         if differ:
             raise InputError(f"--resume: the settings differ from the checkpoint's: {differ}")
         for name, d in self.dictionaries.items():
-            tensors = load_file(str(folder / f"{name}.safetensors"))
+            tensors = checkpoint.load_tensors(folder, name)
             d.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
             _load_optimizer_tensors(self.optimizers[name], tensors)
             self.since_fired[name] = tensors["since_fired"].clone()
@@ -314,6 +310,10 @@ class Trainer:
         results = {}
         held_out = (self.train_rows[1], self.store.n_rows)
         contexts = None if self.model is None else held_out_contexts(self.store, held_out, c.eval_contexts, self.model.tokenizer)
+        if c.architecture == "batchtopk":  # the inference threshold, from the final weights on training rows
+            sample = self._keep(self._init_sample())[self.in_site]
+            for d in self.dictionaries.values():
+                d.calibrate_threshold(sample)
         for name, d in self.dictionaries.items():
             metrics = {"tokens": self.step * c.batch_size, "train_seconds": self.train_seconds,
                        "dead_fraction": self.dead_fraction(name), **dictionary_metrics(d, self.store, held_out, self.model, contexts)}
@@ -322,10 +322,10 @@ class Trainer:
                                training={"steps": self.step, "lr": self.lr, "batch_size": c.batch_size})
             if not (c.architecture == "topk" and d.config.is_transcoder):
                 io.export_saelens(d, folder / "saelens")
-            (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            write_json(folder / "metrics.json", metrics)
             results[name] = metrics
-        (c.out / "metrics.json").write_text(json.dumps(results, indent=1))
-        (c.out / "history.json").write_text(json.dumps(self.history))
+        write_json(c.out / "metrics.json", results)
+        write_json(c.out / "history.json", self.history, indent=None)
         return results
 
 
@@ -466,14 +466,21 @@ def _load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str,
 
 
 def train(config: TrainConfig, *, model: Any = None, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Run (or resume) a training job; returns the metrics of every dictionary."""
-    trainer = Trainer(config, model=model, progress=progress)
-    checkpoint = config.out / "checkpoint"
-    if config.resume:
-        trainer.load_checkpoint()
-    elif checkpoint.exists():
-        raise InputError(f"{config.out} already holds a run; pass --resume to continue it or choose another --out")
-    return trainer.run()
+    """Run (or resume) a training job; returns the metrics of every dictionary.
+
+    The run folder is locked for the whole job: a second job with the same ``--out`` exits at once,
+    naming the pid that holds it.
+    """
+    with file_lock(config.out / RUN_LOCK, what=f"the run folder {config.out}", wait=False):
+        if not config.resume and checkpoint.exists(config.out):
+            raise InputError(f"{config.out} already holds a run; pass --resume to continue it or choose another --out")
+        trainer = Trainer(config, model=model, progress=progress)
+        if config.resume:
+            trainer.load_checkpoint()
+        return trainer.run()
+
+
+RUN_LOCK = "run.lock"
 
 
 @dataclass
@@ -497,7 +504,7 @@ def evaluate(config: EvalConfig, *, model: Any = None) -> dict[str, Any]:
     model = model if model is not None else load_model(d.config.model or store.manifest["model"]["name"])
     contexts = held_out_contexts(store, rows, config.eval_contexts, model.tokenizer)
     metrics = dictionary_metrics(d, store, rows, model, contexts)
-    (Path(config.dictionary) / "eval.json").write_text(json.dumps(metrics, indent=1))
+    write_json(Path(config.dictionary) / "eval.json", metrics)
     return metrics
 
 

@@ -19,6 +19,7 @@ import torch
 
 from interp.errors import InputError, StoreError
 from interp.store import format as fmt
+from interp.store.shuffle import RowPermutation
 
 
 class ActivationStore:
@@ -198,10 +199,12 @@ def _as_indices(indices: np.ndarray | slice | None, n: int) -> np.ndarray | slic
 class Batches:
     """Epoch-aware batch iterator over a store (see ``ActivationStore.batches``).
 
-    Shuffling is per token: each epoch visits every row exactly once, in the order of a
-    permutation drawn from ``(seed, epoch)``; each batch is read in sorted row order (fast
-    memory-map access) and returned in that order, the same on every run. With
-    ``world_size > 1`` each rank gets every ``world_size``-th batch.
+    Shuffling is per token: each epoch visits every row exactly once, in the order of a keyed
+    bijection of the row indices drawn from ``(seed, epoch)`` (``RowPermutation``: computed for
+    one batch's positions at a time, so starting an epoch costs no memory or time whatever the
+    number of rows); each batch is read in sorted row order (fast memory-map access) and
+    returned in that order, the same on every run. With ``world_size > 1`` each rank gets every
+    ``world_size``-th batch.
     """
 
     def __init__(self, store: ActivationStore, sites: list[str], batch_size: int, *, shuffle: bool, seed: int,
@@ -213,7 +216,7 @@ class Batches:
         self.shuffle, self.seed, self.dtype, self.drop_last, self.single = shuffle, seed, dtype, drop_last, single
         self.rank, self.world_size = rank, world_size
         self.epoch, self.batch = 0, 0
-        self._order: np.ndarray | None = None
+        self._order: RowPermutation | None = None
         self._order_epoch = -1
 
     def _total(self) -> int:
@@ -233,12 +236,9 @@ class Batches:
                 raise InputError(f"cannot resume: the saved reader had {key}={state[key]}, this one has {getattr(self, key)}")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
-    def _epoch_order(self) -> np.ndarray:
+    def _epoch_order(self) -> RowPermutation:
         if self._order_epoch != self.epoch:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            self._order = rng.permutation(self.n_rows) + self.start
-            self._order_epoch = self.epoch
-        assert self._order is not None
+            self._order, self._order_epoch = RowPermutation(self.n_rows, [self.seed, self.epoch]), self.epoch
         return self._order
 
     def rows_of(self, index: int) -> np.ndarray | slice:
@@ -246,7 +246,7 @@ class Batches:
         start = index * self.batch_size
         stop = min(start + self.batch_size, self.n_rows)
         if self.shuffle:
-            return np.sort(self._epoch_order()[start:stop])
+            return np.sort(self._epoch_order()[start:stop]) + self.start
         return slice(self.start + start, self.start + stop)
 
     def read_batch(self, index: int) -> torch.Tensor | dict[str, torch.Tensor]:
