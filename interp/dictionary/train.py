@@ -28,10 +28,11 @@ import torch
 from tqdm.auto import tqdm
 
 import interp_kernels as K
-from interp.config import config_dict, opt, parse_count, write_config
+from interp.config import config_dict, opt, parse_count
 from interp.dictionary import checkpoint, io
 from interp.dictionary.metrics import metrics_table, reconstruction_metrics, splice_metrics
 from interp.dictionary.sae import DictionaryConfig, SparseDictionary, jumprelu_l0
+from interp.dictionary.schedule import resolve_schedule
 from interp.errors import InputError, TrainingError
 from interp.paths import file_lock, interp_home, write_json
 from interp.store import ActivationStore, HarvestConfig, harvest
@@ -50,9 +51,9 @@ class TrainConfig:
     corpus: str = opt("shakespeare", "corpus to harvest from when the store does not exist yet")
     store: Path | None = opt(None, "activation store (default: one per model/corpus/sites under the cache dir)")
     out: Path = opt(Path("runs/sae"), "output folder")
-    batch_size: int = opt(4096, "tokens per step")
-    lr: float = opt(0.0, "Adam learning rate; 0 = 2e-4 / sqrt(latents / 16384)")
-    warmup_steps: int = opt(50, "linear learning-rate warm-up")
+    batch_size: int = opt(0, "tokens per step; 0 = chosen from --tokens (the short-budget rule, see the README)")
+    lr: float = opt(0.0, "Adam learning rate; 0 = chosen from --tokens and --latents (the short-budget rule)")
+    warmup_steps: int = opt(-1, "linear learning-rate warm-up, in steps; -1 = chosen from the number of steps")
     decay_fraction: float = opt(0.2, "fraction of steps at the end with linear decay to 0")
     auxk_coefficient: float = opt(1 / 32, "weight of the AuxK loss (topk / batchtopk)")
     auxk_dead_tokens: int = opt(0, "tokens without firing after which AuxK treats a latent as dead; 0 = min(10M, tokens/8)", parse=parse_count)
@@ -127,20 +128,21 @@ class Trainer:
             self.out_site = resolve_site(self.model, c.output_site, c.layer) if c.output_site else self.in_site
         self.sites = [self.in_site] if self.out_site == self.in_site else [self.in_site, self.out_site]
         self.store = self._open_store()
+        self.schedule = resolve_schedule(c.tokens, c.latents, batch_size=c.batch_size, lr=c.lr, warmup_steps=c.warmup_steps)
+        self.batch_size, self.lr = self.schedule.batch_size, self.schedule.lr
         n = self.store.n_rows
         self.train_rows = (0, n - c.eval_tokens)
-        if self.train_rows[1] < c.batch_size:
-            raise InputError(f"the store has {n:,} rows: too few for {c.eval_tokens:,} held-out rows plus one batch of {c.batch_size}")
-        self.steps = c.tokens // c.batch_size  # more tokens than training rows: further epochs
-        self.auxk_dead = c.auxk_dead_tokens or min(10_000_000, max(c.tokens // 8, c.batch_size))
-        self.lr = c.lr or 2e-4 / math.sqrt(c.latents / 2**14)
+        if self.train_rows[1] < self.batch_size:
+            raise InputError(f"the store has {n:,} rows: too few for {c.eval_tokens:,} held-out rows plus one batch of {self.batch_size}")
+        self.steps = self.schedule.steps  # more tokens than training rows: further epochs
+        self.auxk_dead = c.auxk_dead_tokens or min(10_000_000, max(c.tokens // 8, self.batch_size))
         sample = self._init_sample()
         self.max_norm = self._max_norm(sample)
         self.dictionaries = {self._name(k): self._new_dictionary(k, sample) for k in c.ks()}
         params = {name: list(d.parameters()) for name, d in self.dictionaries.items()}
         self.optimizers = {name: torch.optim.Adam(p, lr=self.lr, fused=True) for name, p in params.items()}
         self.since_fired = {name: torch.zeros(c.latents, dtype=torch.long) for name in self.dictionaries}
-        self.loader = self.store.batches(self.sites, c.batch_size, shuffle=True, seed=c.seed, rows=self.train_rows, drop_last=True)
+        self.loader = self.store.batches(self.sites, self.batch_size, shuffle=True, seed=c.seed, rows=self.train_rows, drop_last=True)
         self.step = 0
         self.train_seconds = 0.0
         self.history: list[dict[str, Any]] = []
@@ -154,7 +156,7 @@ class Trainer:
     def _open_store(self) -> ActivationStore:
         c = self.config
         if self.model is None:
-            store = ActivationStore(c.store)
+            store = ActivationStore(c.store, keep_pages=False)
             for site in self.sites:
                 store.check_site(site)
             return store
@@ -163,7 +165,7 @@ class Trainer:
             harvest(HarvestConfig(out=path, model=c.model, sites=",".join(self.sites), corpus=c.corpus,
                                   tokens=c.tokens + c.eval_tokens, context_len=c.context_len, device=c.device),
                     model=self.model, progress=self.progress)
-        store = ActivationStore(path)
+        store = ActivationStore(path, keep_pages=False)  # resident memory: one batch, not the store
         for site in self.sites:
             store.check_site(site)
         if store.manifest["model"]["name"] != self.model.cfg.name:
@@ -227,7 +229,7 @@ class Trainer:
     # ------------------------------------------------------------ training
     def lr_at(self, step: int) -> float:
         c = self.config
-        warm = min(1.0, (step + 1) / max(1, c.warmup_steps))
+        warm = min(1.0, (step + 1) / max(1, self.schedule.warmup_steps))
         decay_start = int(self.steps * (1 - c.decay_fraction))
         decay = 1.0 if step < decay_start else max(0.0, (self.steps - step) / max(1, self.steps - decay_start))
         return self.lr * warm * decay
@@ -245,8 +247,10 @@ class Trainer:
     def run(self) -> dict[str, dict[str, Any]]:
         c = self.config
         c.out.mkdir(parents=True, exist_ok=True)
-        write_config(c, c.out)
-        bar = tqdm(total=self.steps * c.batch_size, initial=self.step * c.batch_size, unit="tok", unit_scale=True,
+        write_json(c.out / "config.json", {**config_dict(c), "resolved": self.schedule.as_dict()}, indent=2)
+        if self.progress:
+            tqdm.write(f"schedule: {self.schedule.describe()}")
+        bar = tqdm(total=self.steps * self.batch_size, initial=self.step * self.batch_size, unit="tok", unit_scale=True,
                    desc="train", disable=not self.progress, smoothing=0.1)
         batches = self._batches()
         start = time.perf_counter()
@@ -255,11 +259,11 @@ class Trainer:
             _check_finite(batch, rows, self.store)
             stats = self.train_step(batch)
             first = next(iter(stats.values()))
-            bar.update(c.batch_size)
+            bar.update(self.batch_size)
             if self.step % 10 == 0 or self.step == self.steps:
                 bar.set_postfix_str(f"loss {first['loss']:.3f} fvu {first['fvu']:.3f} L0 {first['l0']:.1f} "
                                     f"dead {self.dead_fraction(next(iter(stats))):.1%}")
-                self.history.append({"step": self.step, "tokens": self.step * c.batch_size, **{n: s for n, s in stats.items()}})
+                self.history.append({"step": self.step, "tokens": self.step * self.batch_size, **{n: s for n, s in stats.items()}})
             if self.step % c.checkpoint_every == 0 or self.step == self.steps:
                 self.save_checkpoint()
         bar.close()
@@ -273,7 +277,7 @@ class Trainer:
                 yield self.loader.rows_of(self.loader.batch - 1), batch
 
     def dead_fraction(self, name: str) -> float:
-        window = min(self.config.dead_window, self.step * self.config.batch_size)
+        window = min(self.config.dead_window, self.step * self.batch_size)
         return float((self.since_fired[name] >= max(window, 1)).double().mean())
 
     # ----------------------------------------------------- checkpoints
@@ -315,11 +319,11 @@ class Trainer:
             for d in self.dictionaries.values():
                 d.calibrate_threshold(sample)
         for name, d in self.dictionaries.items():
-            metrics = {"tokens": self.step * c.batch_size, "train_seconds": self.train_seconds,
+            metrics = {"tokens": self.step * self.batch_size, "train_seconds": self.train_seconds,
                        "dead_fraction": self.dead_fraction(name), **dictionary_metrics(d, self.store, held_out, self.model, contexts)}
             folder = c.out / name
             io.save_dictionary(d, folder, metrics=metrics, store=str(self.store.root), held_out_rows=list(held_out),
-                               training={"steps": self.step, "lr": self.lr, "batch_size": c.batch_size})
+                               training={"steps": self.step, **self.schedule.as_dict()})
             if not (c.architecture == "topk" and d.config.is_transcoder):
                 io.export_saelens(d, folder / "saelens")
             write_json(folder / "metrics.json", metrics)
@@ -495,14 +499,16 @@ def evaluate(config: EvalConfig, *, model: Any = None) -> dict[str, Any]:
     from interp.models import load_model
 
     meta = io.read_meta(config.dictionary)
-    store = ActivationStore(config.store or meta["store"])
+    store = ActivationStore(config.store or meta["store"], keep_pages=False)
     rows = tuple(meta["held_out_rows"]) if config.store is None else (0, store.n_rows)
     input_site = meta["config"]["input_site"]
     for site in {input_site, meta["config"]["output_site"] or input_site}:
         store.check_site(site)
     d = io.load_dictionary(config.dictionary, d_in=store.d(input_site))
-    model = model if model is not None else load_model(d.config.model or store.manifest["model"]["name"])
-    contexts = held_out_contexts(store, rows, config.eval_contexts, model.tokenizer)
+    contexts = None
+    if config.eval_contexts > 0:  # the spliced-CE metrics need the model
+        model = model if model is not None else load_model(d.config.model or store.manifest["model"]["name"])
+        contexts = held_out_contexts(store, rows, config.eval_contexts, model.tokenizer)
     metrics = dictionary_metrics(d, store, rows, model, contexts)
     write_json(Path(config.dictionary) / "eval.json", metrics)
     return metrics

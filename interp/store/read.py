@@ -8,6 +8,7 @@ batch where it stopped.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,18 @@ from interp.store.shuffle import RowPermutation
 
 
 class ActivationStore:
-    """A store directory opened for reading (only shards recorded in the manifest are visible)."""
+    """A store directory opened for reading (only shards recorded in the manifest are visible).
 
-    def __init__(self, root: str | Path):
+    Shards are memory-mapped. With ``keep_pages=True`` (the default) the pages read stay mapped,
+    which is fastest when the same rows are read again, but the process's resident size grows
+    towards the size of the store; ``keep_pages=False`` unmaps them after every read (they stay
+    in the OS page cache, so reading them again costs a page fault, not a disk read), so resident
+    memory stays about one batch: what a trainer reading a large store wants.
+    """
+
+    def __init__(self, root: str | Path, *, keep_pages: bool = True):
         self.root = Path(root)
+        self.keep_pages = keep_pages
         if not (self.root / fmt.MANIFEST).is_file():
             raise StoreError(f"{self.root} is not an activation store (no {fmt.MANIFEST})")
         try:
@@ -39,6 +48,7 @@ class ActivationStore:
         counts = np.array([s["rows"] for s in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])  # global row index of each shard's start
         self._maps: dict[tuple[int, str], torch.Tensor] = {}
+        self._mmaps: dict[tuple[int, str], mmap.mmap] = {}
 
     # ------------------------------------------------------------ metadata
     @property
@@ -95,11 +105,16 @@ class ActivationStore:
                     f"shard {record['index']} of {self.root} is damaged: {filename} has {got} bytes, expected "
                     f"{expected}; run `interp store verify {self.root}`"
                 )
-            array = np.load(path, mmap_mode="r")
+            array, self._mmaps[key] = _map_npy(path)
             with warnings.catch_warnings():  # read-only map: we never write through it
                 warnings.simplefilter("ignore", UserWarning)
                 self._maps[key] = fmt.from_storage(array, "int32" if name == "rows" else self.dtype)
         return self._maps[key]
+
+    def release_pages(self) -> None:
+        """Unmap every page read so far from this process (the data stay in the OS page cache)."""
+        for mapping in self._mmaps.values():
+            _release(mapping)
 
     def rows(self, indices: np.ndarray | slice | None = None) -> np.ndarray:
         """Row metadata [n, 5] (context, position, token, document, document offset) for global rows."""
@@ -112,6 +127,14 @@ class ActivationStore:
         return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
     def _gather(self, name: str, indices: np.ndarray | slice) -> torch.Tensor:
+        out = self._copy_rows(name, indices)
+        if not self.keep_pages:
+            for (_, mapped), mapping in self._mmaps.items():
+                if mapped == name:
+                    _release(mapping)
+        return out
+
+    def _copy_rows(self, name: str, indices: np.ndarray | slice) -> torch.Tensor:
         first_map = self._array(0, name)
         if isinstance(indices, slice):  # contiguous: one copy per shard touched
             start, stop = indices.start, indices.stop
@@ -185,6 +208,23 @@ class ActivationStore:
                 elif fmt.sha256_file(path) != expected["sha256"]:
                     problems.append(f"shard {record['index']}: {filename} does not match its checksum")
         return problems
+
+
+def _map_npy(path: Path) -> tuple[np.ndarray, mmap.mmap]:
+    """A read-only memory map of a .npy file, as an array and the map itself (to release its pages)."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(handle)
+        offset = handle.tell()
+        mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    array = np.ndarray(shape, dtype=dtype, buffer=mapping, offset=offset, order="F" if fortran_order else "C")
+    return array, mapping
+
+
+def _release(mapping: mmap.mmap) -> None:
+    if hasattr(mmap, "MADV_DONTNEED"):  # Linux, macOS; elsewhere pages stay mapped
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def _as_indices(indices: np.ndarray | slice | None, n: int) -> np.ndarray | slice:
