@@ -65,8 +65,13 @@ def _topk_encode_kernel(
 
 
 def topk_encode_triton(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
-                       block_m: int = 32, block_n: int = 64, block_d: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of ReLU(x W_enc^T + b_enc) per row: values [rows, k] (unsorted), int64 indices [rows, k]."""
+                       block_m: int = 64, block_n: int = 128, block_d: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of ReLU(x W_enc^T + b_enc) per row: values [rows, k] (unsorted), int64 indices [rows, k].
+
+    Tiles of 64 rows x 128 latents x 32 inputs were the fastest of eight shapes timed on an H200
+    (16,384 x 768 inputs, 16,384 latents, k 32, IEEE float32): 23.7 ms against 71.2 ms for
+    32 x 64 x 32 and 8.3 ms for the bare matmul.
+    """
     x, W_enc, b_enc = x.contiguous().float(), W_enc.contiguous().float(), b_enc.contiguous().float()
     rows, d_in = x.shape
     n_latents = W_enc.shape[0]
