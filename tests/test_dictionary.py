@@ -303,7 +303,7 @@ def uninterrupted(shared_store, tmp_path_factory):
 
 
 @pytest.mark.parametrize("fault, step", [  # checkpoints at steps 6, 12, 18, 24; each kill lands in the second
-    ("checkpoint.file-written#3", 6),       # its first file written
+    ("checkpoint.file-written#2", 6),       # its dictionary file written, state.json not yet
     ("checkpoint.files-written#2", 6),      # every file written and flushed in the temporary folder
     ("checkpoint.renamed#2", 6),            # the new version renamed into place, the pointer still on the old one
     ("atomic-write:checkpoint.json#2", 6),  # the new pointer flushed under its temporary name
