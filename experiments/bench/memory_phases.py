@@ -55,10 +55,13 @@ def main() -> None:
     sampler = Sampler()
     sampler.start()
 
+    import importlib
+
     import interp.store.write as write
     from interp.dictionary import TrainConfig
-    from interp.dictionary import train as train_module
     from interp.models import load_model
+
+    train_module = importlib.import_module("interp.dictionary.train")  # the module (the package exports a function of that name)
 
     def phase(name, fn):
         def wrapped(*a, **kw):
