@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import types
 import typing
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import typer
 
 from interp.config import opt, write_config
 from interp.errors import InputError, InterpError
+from interp.paths import atomic_write, write_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="interp: a mechanistic-interpretability workbench")
 store_app = typer.Typer(no_args_is_help=True, help="Inspect and check activation stores.")
@@ -39,6 +39,8 @@ def command(config_cls: type[C], name: str, group: typer.Typer = app) -> Callabl
             default = f.default
             kind = str if meta.get("parse") else _cli_type(hints[f.name])
             flag = f"--{f.name.replace('_', '-')}"
+            if kind is bool:  # both switches, so that a True default can be turned off
+                flag = f"{flag}/--no-{f.name.replace('_', '-')}"
             if meta.get("argument"):
                 info = typer.Argument(... if default is dataclasses.MISSING else default, help=meta.get("help", ""))
             else:
@@ -153,8 +155,8 @@ def cache_cmd(config: CacheConfig) -> None:
         typer.echo(shown[["layer", "top_tokens", "top_probs"]].to_string(index=False))
     if config.out:
         write_config(config, config.out)
-        (config.out / "shapes.json").write_text(json.dumps(shapes, indent=1))
-        table.to_csv(config.out / "logit_lens.csv", index=False)
+        write_json(config.out / "shapes.json", shapes)
+        atomic_write(config.out / "logit_lens.csv", lambda tmp: table.to_csv(tmp, index=False))
         typer.echo(f"wrote {config.out}/config.json, shapes.json, logit_lens.csv")
 
 
@@ -307,8 +309,9 @@ def patch_cmd(config: PatchConfig) -> None:
         rules = Rules.parse(config.rules) if config.method == "relp" else None
         result = attribution_patching(model, task, kinds, rules=rules, **common)
     write_config(config, config.out)
-    result.table.to_csv(config.out / "cells.csv", index=False)
-    result.heatmap().write_html(config.out / "heatmap.html", include_plotlyjs="directory")  # plotly.min.js beside it: works offline
+    atomic_write(config.out / "cells.csv", lambda tmp: result.table.to_csv(tmp, index=False))
+    # plotly.min.js beside the page (written by plotly itself): works offline
+    atomic_write(config.out / "heatmap.html", lambda tmp: result.heatmap().write_html(tmp, include_plotlyjs="directory"))
     top = result.table.reindex(result.table.score.abs().sort_values(ascending=False).index).head(10)
     typer.echo(top[["kind", "layer", "position", "head", "score"]].to_string(index=False))
     typer.echo(f"{len(result.table)} cells in {result.seconds:.1f} s; wrote {config.out}/cells.csv and heatmap.html")

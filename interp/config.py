@@ -36,5 +36,6 @@ def config_dict(config: Any) -> dict[str, Any]:
 
 def write_config(config: Any, out: Path) -> None:
     """Write the resolved config of a run as ``out/config.json``."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config_dict(config), indent=2))
+    from interp.paths import write_json
+
+    write_json(out / "config.json", config_dict(config), indent=2)

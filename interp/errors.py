@@ -32,5 +32,9 @@ class StoreError(InterpError, OSError):
     """An activation store that is missing, damaged or incomplete; the message says which shard."""
 
 
+class LockedError(InputError):
+    """Another process is writing the same store or run folder; the message names its pid."""
+
+
 class TrainingError(InterpError, RuntimeError):
     """Training cannot go on (the loss diverged); the message says what to change."""

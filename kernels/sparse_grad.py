@@ -3,7 +3,8 @@
 The gradient reaching the pre-activations of a top-k encoder is non-zero at k latents per row,
 so ``dW_enc`` costs rows x k x d_in work instead of a dense rows x latents x d_in matmul. The
 pairs are sorted by latent and summed with ``embedding_bag`` (one bag per latent): no atomics,
-deterministic, multi-threaded, and nothing of size rows x k x d is materialised.
+deterministic, multi-threaded, and nothing of size rows x k x d is materialised. ``db_enc`` comes
+out of the same sum (a column of ones appended to the row vectors), so it is deterministic too.
 
 On CPU the sparse decoder is ``F.embedding_bag`` itself, whose own backward already computes the
 gradients of the values and of W_dec sparsely; on GPU ``TritonDecode`` does the same in Triton.
@@ -59,11 +60,13 @@ class TopKEncode(torch.autograd.Function):
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(indices, W_enc, mode="sum", per_sample_weights=grad_pre.to(W_enc.dtype))
-        if ctx.needs_input_grad[1]:
-            grad_W = ctx.latent_grad(x, indices, grad_pre, n_latents)
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(n_latents, dtype=grad_pre.dtype, device=grad_pre.device)
-            grad_b.index_add_(0, indices.reshape(-1), grad_pre.reshape(-1))
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # One segment sum per latent gives both: the rows [x | 1] weighted by grad_pre.
+            ones = x.new_ones(x.shape[0], 1)
+            vectors = torch.cat([x, ones], dim=1) if ctx.needs_input_grad[1] else ones
+            summed = ctx.latent_grad(vectors, indices, grad_pre, n_latents)
+            grad_W = summed[:, :-1].contiguous() if ctx.needs_input_grad[1] else None
+            grad_b = summed[:, -1].contiguous() if ctx.needs_input_grad[2] else None
         return grad_x, grad_W, grad_b, None, None, None
 
 

@@ -1,8 +1,9 @@
 """Triton kernels for TopK dictionaries (GPU; on CPU only under ``TRITON_INTERPRET=1``, for tests).
 
-- ``topk_encode_triton``: fused x W_enc^T + b_enc -> ReLU -> top-k. One program owns a block of
-  rows and walks the latents tile by tile, merging each tile into a running top-k held in
-  registers, so the rows x latents pre-activation matrix never exists. A tile element enters the
+- ``topk_encode_triton``: fused x W_enc^T + b_enc -> ReLU -> top-k, in IEEE float32 (``tl.dot``
+  would otherwise use TF32 on Ampere and later GPUs, with about 1e-3 relative error, enough to
+  change which latents are selected). One program owns a block of rows and walks the latents
+  tile by tile, merging each tile into a running top-k held in registers, so the rows x latents pre-activation matrix never exists. A tile element enters the
   running top-k only if it beats the row's current k-th value; after the first tiles few do, and
   the merge loop ends as soon as no row of the block has a candidate left.
 - ``decode_triton``: out[r] = sum_s values[r, s] * W_dec[indices[r, s]] (gather and sum).
@@ -43,7 +44,7 @@ def _topk_encode_kernel(
             d_ok = dd < d_in
             x = tl.load(X + rows[:, None] * stride_xm + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             w = tl.load(W + cols[:, None] * stride_wn + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            acc += tl.dot(x, tl.trans(w))
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")  # float32 exactly, no silent TF32
         acc += tl.load(B + cols, mask=col_ok, other=0.0)[None, :]
         acc = tl.where(col_ok[None, :], acc, float("-inf"))
         worst = tl.min(best_v, axis=1)
@@ -64,8 +65,13 @@ def _topk_encode_kernel(
 
 
 def topk_encode_triton(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
-                       block_m: int = 32, block_n: int = 64, block_d: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of ReLU(x W_enc^T + b_enc) per row: values [rows, k] (unsorted), int64 indices [rows, k]."""
+                       block_m: int = 64, block_n: int = 128, block_d: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of ReLU(x W_enc^T + b_enc) per row: values [rows, k] (unsorted), int64 indices [rows, k].
+
+    Tiles of 64 rows x 128 latents x 32 inputs were the fastest of eight shapes timed on an H200
+    (16,384 x 768 inputs, 16,384 latents, k 32, IEEE float32): 23.7 ms against 71.2 ms for
+    32 x 64 x 32 and 8.3 ms for the bare matmul.
+    """
     x, W_enc, b_enc = x.contiguous().float(), W_enc.contiguous().float(), b_enc.contiguous().float()
     rows, d_in = x.shape
     n_latents = W_enc.shape[0]

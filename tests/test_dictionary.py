@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from interp.dictionary import DictionaryConfig, SparseDictionary, TrainConfig, export_saelens, import_saelens, train
+from interp.dictionary import DictionaryConfig, SparseDictionary, TrainConfig, checkpoint, export_saelens, import_saelens, train
 from interp.dictionary.io import load_dictionary, save_dictionary
 from interp.dictionary.metrics import reconstruction_metrics, splice_metrics
 from interp.dictionary.train import Trainer, step_dictionary
@@ -119,15 +123,82 @@ def identity_dictionary(d_model: int) -> SparseDictionary:
     return d
 
 
+def plain_hook_losses(model, tokens, module, replace, first=1):
+    """CE and KL against the clean run, with ``module``'s output at positions >= ``first`` replaced
+    by ``replace(output, input)``, computed with a plain torch hook on the HF module (not interp's)."""
+
+    def hook(mod, args, output):
+        tensor = output[0] if isinstance(output, tuple) else output
+        edited = tensor.clone()
+        edited[:, first:] = replace(tensor, args[0])[:, first:]
+        return (edited, *output[1:]) if isinstance(output, tuple) else edited
+
+    with torch.no_grad():
+        clean = model.module(input_ids=tokens).logits[:, first:-1].log_softmax(-1)
+        handle = module.register_forward_hook(hook)
+        try:
+            edited = model.module(input_ids=tokens).logits[:, first:-1].log_softmax(-1)
+        finally:
+            handle.remove()
+    target = tokens[:, first + 1 :, None]
+    ce = float(-edited.gather(-1, target).mean())
+    kl = float((clean.exp() * (clean - edited)).sum(-1).mean())
+    return ce, kl
+
+
+def counting_calls(d):
+    calls = {"n": 0}
+    d.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    return calls
+
+
 def test_splicing_an_identity_dictionary_leaves_the_loss_unchanged():
     model = tiny_model("llama")
     site = "blocks.0.hook_resid_post"
     d = identity_dictionary(model.cfg.d_model)
     d.config.input_site = site
+    calls = counting_calls(d)
     tokens = model.tokenize(["the quick brown fox jumps over", "a lazy dog sleeps in the sun"]).ids
     metrics = splice_metrics(model, d, tokens, first_position=1)
+    assert calls["n"] == 1  # the splice really ran (one forward pass for the one batch of contexts)
     assert abs(metrics["ce_spliced"] - metrics["ce_clean"]) < 1e-5 and metrics["kl"] < 1e-6
     assert metrics["ce_recovered"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_spliced_and_ablated_losses_match_a_plain_hook():
+    model = tiny_model("llama")
+    d = SparseDictionary(DictionaryConfig(d_in=model.cfg.d_model, n_latents=256, architecture="relu",
+                                          input_site="blocks.0.hook_resid_post"), seed=5)
+    calls = counting_calls(d)
+    tokens = model.tokenize(["the quick brown fox jumps over", "a lazy dog sleeps in the sun"]).ids
+    metrics = splice_metrics(model, d, tokens, first_position=1)
+    layer = model.module.model.layers[0]
+    with torch.no_grad():
+        ce, kl = plain_hook_losses(model, tokens, layer, lambda out, _: d(out.reshape(-1, out.shape[-1])).reshape(out.shape))
+        ce_zero, _ = plain_hook_losses(model, tokens, layer, lambda out, _: torch.zeros_like(out))
+    assert calls["n"] == 2  # interp's splice and the plain hook
+    assert metrics["ce_spliced"] == pytest.approx(ce, rel=1e-5) and metrics["kl"] == pytest.approx(kl, rel=1e-4)
+    assert metrics["ce_zero"] == pytest.approx(ce_zero, rel=1e-5)
+    assert metrics["kl"] > 1e-3  # a random dictionary does change the model
+
+
+def test_transcoder_splice_replaces_the_mlp_output_from_its_input():
+    model = tiny_model("llama")
+    d = SparseDictionary(DictionaryConfig(d_in=model.cfg.d_model, d_out=model.cfg.d_model, n_latents=128, architecture="relu",
+                                          input_site="blocks.0.ln2.hook_normalized", output_site="blocks.0.hook_mlp_out"), seed=6)
+    calls = counting_calls(d)
+    tokens = model.tokenize(["the quick brown fox jumps over", "a lazy dog sleeps in the sun"]).ids
+    metrics = splice_metrics(model, d, tokens, first_position=1)
+    mlp = model.module.model.layers[0].mlp  # reads ln2's output, writes mlp_out
+
+    def transcode(out, mlp_input):
+        return d(mlp_input.reshape(-1, mlp_input.shape[-1])).reshape(out.shape)
+
+    with torch.no_grad():
+        ce, kl = plain_hook_losses(model, tokens, mlp, transcode)
+    assert calls["n"] == 2
+    assert metrics["ce_spliced"] == pytest.approx(ce, rel=1e-5) and metrics["kl"] == pytest.approx(kl, rel=1e-4)
+    assert metrics["kl"] > 1e-4
 
 
 def assert_same_outputs(ours: SparseDictionary, sae_lens_sae, x: torch.Tensor):
@@ -206,7 +277,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, synthetic_sto
     interrupted.train_step = step_then_die
     with pytest.raises(Stop):
         interrupted.run()
-    assert json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())["step"] == 12
+    assert checkpoint.load(tmp_path / "cut")[1]["step"] == 12
     with pytest.raises(InputError, match="--resume"):
         train(synthetic_config(synthetic_store, tmp_path / "cut"), progress=False)
     resumed = train(synthetic_config(synthetic_store, tmp_path / "cut", resume=True), progress=False)
@@ -217,6 +288,98 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, synthetic_sto
     history = [json.loads((tmp_path / run / "history.json").read_text()) for run in ("full", "cut")]
     assert history[0] == history[1]
     assert resumed[name]["fvu"] == full[name]["fvu"]
+
+
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory):
+    x, _ = sparse_data(30_000, seed=5)
+    return write_arrays(tmp_path_factory.mktemp("shared") / "store", {"acts": x})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shared_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    return out, train(synthetic_config(shared_store, out), progress=False)
+
+
+@pytest.mark.parametrize("fault, step", [  # checkpoints at steps 6, 12, 18, 24; each kill lands in the second
+    ("checkpoint.file-written#2", 6),       # its dictionary file written, state.json not yet
+    ("checkpoint.files-written#2", 6),      # every file written and flushed in the temporary folder
+    ("checkpoint.renamed#2", 6),            # the new version renamed into place, the pointer still on the old one
+    ("atomic-write:checkpoint.json#2", 6),  # the new pointer flushed under its temporary name
+    ("checkpoint.pointer-replaced#2", 12),  # the pointer on the new version, the old one not deleted yet
+    ("checkpoint.old-removed#1", 12),       # the old version deleted
+])
+def test_sigkill_during_checkpoint_replacement_then_resume_continues_exactly(tmp_path, shared_store, uninterrupted, fault, step):
+    out = tmp_path / "run"
+    config = synthetic_config(shared_store, out)
+    command = [sys.executable, "-m", "interp", "train-sae", "--model", "none", "--store", str(shared_store.root), "--site", "acts",
+               "--k", config.k, "--latents", str(config.latents), "--tokens", str(config.tokens), "--batch-size", str(config.batch_size),
+               "--eval-tokens", str(config.eval_tokens), "--eval-contexts", "0", "--checkpoint-every", str(config.checkpoint_every),
+               "--warmup-steps", str(config.warmup_steps), "--lr", str(config.lr), "--out", str(out)]
+    killed = subprocess.run(command, env={**os.environ, "INTERP_FAULT": fault}, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    folder, state = checkpoint.load(out)
+    assert state["step"] == step and folder.name == f"step-{step:08d}"
+
+    resumed = train(synthetic_config(shared_store, out, resume=True), progress=False)
+    full_out, full = uninterrupted
+    name = next(iter(full))
+    a, b = load_dictionary(full_out / name), load_dictionary(out / name)
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    assert json.loads((full_out / "history.json").read_text()) == json.loads((out / "history.json").read_text())
+    assert resumed[name]["fvu"] == full[name]["fvu"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000024"]  # leftovers cleaned up
+
+
+def test_a_second_job_on_the_same_run_folder_is_refused_naming_the_holder(tmp_path, shared_store):
+    import os as os_module
+
+    from interp.errors import LockedError
+    from interp.paths import file_lock
+
+    out = tmp_path / "run"
+    with file_lock(out / "run.lock"):  # as a running job holds it
+        with pytest.raises(LockedError, match=f"run folder {out} is being written by pid {os_module.getpid()} "):
+            train(synthetic_config(shared_store, out), progress=False)
+    assert not (out / "checkpoints").exists()
+
+
+def test_batchtopk_inference_keeps_about_k_latents_after_a_short_run_and_saelens_agrees(tmp_path):
+    from sae_lens import SAE
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(30_000, 32, generator=g) @ torch.randn(32, 32, generator=g) + torch.randn(32, generator=g)
+    store = write_arrays(tmp_path / "store", {"acts": x})
+    out = tmp_path / "run"
+    results = train(synthetic_config(store, out, architecture="batchtopk", k="8", latents=128, tokens=10 * 1024), progress=False)
+    name = "sae-batchtopk-k8-128"
+    assert abs(results[name]["l0"] - 8) < 0.8, results[name]["l0"]  # eval mode, held-out rows: within 10% of k
+    held_out = x[-4096:]
+    sae = SAE.load_from_disk(str(out / name / "saelens"))
+    with torch.no_grad():
+        l0_saelens = float((sae.encode(held_out) > 0).sum(-1).double().mean())
+    assert l0_saelens == pytest.approx(results[name]["l0"], rel=1e-3)
+
+
+def test_metrics_do_not_depend_on_the_compute_dtype_or_the_entry_point(tmp_path, shared_store):
+    """bfloat16 encoder matmuls in training (what --compute-dtype auto picks on CPUs with native
+    bfloat16), float32 everywhere in evaluation: training's final metrics equal eval-sae's."""
+    from interp.dictionary.train import EvalConfig, evaluate
+
+    out = tmp_path / "run"
+    trained = train(synthetic_config(shared_store, out, compute_dtype="bfloat16", tokens=8192), progress=False)
+    name = next(iter(trained))
+    evaluated = evaluate(EvalConfig(dictionary=out / name, eval_contexts=0))
+    for key in ("fvu", "l0", "mse", "cosine", "dense_1pct"):
+        assert evaluated[key] == trained[name][key], key
+    d = load_dictionary(out / name)
+    d.compute_dtype = torch.bfloat16
+    d.eval()
+    x = shared_store.read("acts", slice(0, 512))
+    with torch.no_grad():
+        assert torch.equal(d(x), load_dictionary(out / name)(x))  # inference ignores the training compute dtype
 
 
 def test_bad_input(tmp_path, synthetic_store):
@@ -246,14 +409,19 @@ def test_non_finite_activations_stop_training_and_keep_the_checkpoint(tmp_path):
     saved = {}
     real_save = trainer.save_checkpoint
 
+    def current_checkpoint():
+        folder, _ = checkpoint.load(tmp_path / "run")
+        return {p.name: p.read_bytes() for p in folder.iterdir()}
+
     def save_and_remember():
         real_save()
-        saved.update({p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoint").iterdir()})
+        saved.clear()
+        saved.update(current_checkpoint())
 
     trainer.save_checkpoint = save_and_remember
     with pytest.raises(InputError, match=f"non-finite activation at acts, store row {bad}"):
         trainer.run()
-    assert saved and {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoint").iterdir()} == saved
+    assert saved and current_checkpoint() == saved
 
 
 def test_non_finite_rows_in_the_initialisation_sample_are_reported(tmp_path):

@@ -1,4 +1,4 @@
-"""The activation store: parity with run_with_cache, crash safety, shuffling, integrity."""
+"""The activation store: parity with the HF modules, crash safety, concurrent writers, shuffling, integrity."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 from interp.errors import InputError, StoreError
 from interp.models import tiny_model
 from interp.store import ActivationStore, HarvestConfig, harvest
+from interp.store.shuffle import RowPermutation
 
 SITES = "blocks.1.hook_resid_post,blocks.0.mlp.hook_post"
 
@@ -42,7 +43,29 @@ def config(out, corpus, **kw):
     return HarvestConfig(**{**base, **kw})
 
 
-def test_rows_equal_run_with_cache_bitwise(tmp_path, corpus_file, model):
+def hf_activations(model, tokens):
+    """The stored sites computed independently of interp: plain torch hooks on the HF modules
+    (the output of decoder layer 1; the input of layer 0's down projection)."""
+    layers = model.module.model.layers
+    got = {}
+
+    def keep_output(module, args, output):
+        got["blocks.1.hook_resid_post"] = (output[0] if isinstance(output, tuple) else output).detach().clone()
+
+    def keep_input(module, args):
+        got["blocks.0.mlp.hook_post"] = args[0].detach().clone()
+
+    handles = [layers[1].register_forward_hook(keep_output), layers[0].mlp.down_proj.register_forward_pre_hook(keep_input)]
+    try:
+        with torch.no_grad():
+            model.module(input_ids=tokens, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return got
+
+
+def test_rows_equal_the_hf_modules_activations_bitwise(tmp_path, corpus_file, model):
     store = harvest(config(tmp_path / "s", corpus_file), model=model, progress=False)
     assert store.complete and store.n_rows == 194 * 31  # ceil(6000 / 31) contexts, BOS excluded
     rows = store.rows()
@@ -53,10 +76,9 @@ def test_rows_equal_run_with_cache_bitwise(tmp_path, corpus_file, model):
         batch_stop = min(batch_start + 8, store.manifest["contexts"]["count"])
         tokens = torch.from_numpy(np.stack([store_tokens(store, c) for c in range(batch_start, batch_stop)])).long()
         assert int(tokens[context - batch_start, position]) == int(rows[index, 2])
-        cache = model.run_with_cache(tokens, SITES.split(","))
+        expected = hf_activations(model, tokens)
         for site in SITES.split(","):
-            expected = cache[site][context - batch_start, position]
-            assert torch.equal(store.read(site, np.array([index]))[0], expected), (site, index)
+            assert torch.equal(store.read(site, np.array([index]))[0], expected[site][context - batch_start, position]), (site, index)
 
 
 def store_tokens(store, context):
@@ -75,44 +97,84 @@ def test_storage_dtypes(tmp_path, corpus_file, model):
         assert store.read(site).dtype == torch.float32
 
 
-def test_kill_and_resume_reproduces_an_uninterrupted_run(tmp_path, corpus_file):
-    args = ["--model", "tiny:llama", "--sites", SITES, "--corpus", str(corpus_file), "--tokens", "60k",
-            "--context-len", "32", "--batch-size", "8", "--shard-contexts", "64"]
-    cli = [sys.executable, "-m", "interp", "harvest"]
-    reference = tmp_path / "reference"
-    subprocess.run([*cli, *args, "--out", str(reference)], check=True, capture_output=True)
+def cli_config(out, corpus, **kw):
+    """The settings of ``harvest_cli`` (11 shards of 64 contexts, 8 batches each)."""
+    return config(out, corpus, tokens=20_000, shard_contexts=64, **kw)
 
+
+def harvest_cli(out, corpus, *, fault, **popen):
+    """The same harvest as ``cli_config`` in a child process with INTERP_FAULT=``fault`` (interp/faults.py)."""
+    command = [sys.executable, "-m", "interp", "harvest", "--model", "tiny:llama", "--sites", SITES, "--tokens", "20k",
+               "--context-len", "32", "--batch-size", "8", "--shard-contexts", "64", "--corpus", str(corpus), "--out", str(out)]
+    return subprocess.Popen(command, env={**os.environ, "INTERP_FAULT": fault}, stdout=subprocess.DEVNULL,
+                            stderr=popen.pop("stderr", subprocess.DEVNULL), **popen)
+
+
+@pytest.fixture(scope="module")
+def reference_store(tmp_path_factory, corpus_file, model):
+    return harvest(cli_config(tmp_path_factory.mktemp("reference") / "store", corpus_file), model=model, progress=False)
+
+
+@pytest.mark.parametrize("fault, leftover", [
+    ("harvest.batch#28", None),                  # mid-shard: inside shard 3's forward passes (8 batches per shard)
+    ("harvest.shard-written#3", ".00002.tmp-"),  # shard 2's files written and flushed, not yet renamed
+    ("harvest.shard-renamed#3", "00002"),        # shard 2 renamed into place, not yet in the manifest
+])
+def test_sigkill_at_any_point_then_resume_reproduces_an_uninterrupted_run(tmp_path, corpus_file, model, reference_store,
+                                                                          fault, leftover):
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*cli, *args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manifest = killed / "manifest.json"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if manifest.exists():
-            try:
-                if len(json.loads(manifest.read_text())["shards"]) >= 3:
-                    break
-            except ValueError:
-                pass
-        time.sleep(0.005)
-    time.sleep(0.03)  # now inside a later shard's forward passes
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    state = json.loads(manifest.read_text())
-    n_shards = len(json.loads((reference / "manifest.json").read_text())["shards"])
-    assert not state["complete"] and 3 <= len(state["shards"]) < n_shards, "the kill must land mid-harvest"
-    partial = ActivationStore(killed)
-    assert partial.verify() == []  # what is recorded is whole
-    # Leftovers a kill can leave: a temp dir being written, a shard renamed but not recorded.
-    (killed / "shards" / ".00099.tmp-1").mkdir()
-    (killed / "shards" / "00098").mkdir()
+    assert harvest_cli(killed, corpus_file, fault=fault).wait(timeout=300) == -signal.SIGKILL
+    state = json.loads((killed / "manifest.json").read_text())
+    assert not state["complete"] and [s["index"] for s in state["shards"]] == [0, 1] + ([2] if leftover is None else [])
+    if leftover:  # what the kill left behind is really there, and it is not a recorded shard
+        assert [p.name for p in (killed / "shards").iterdir() if p.name.startswith(leftover)]
+    assert ActivationStore(killed).verify() == []  # what is recorded is whole
 
-    subprocess.run([*cli, *args, "--out", str(killed)], check=True, capture_output=True)
-    resumed, full = ActivationStore(killed), ActivationStore(reference)
-    assert resumed.complete and resumed.n_rows == full.n_rows
-    assert np.array_equal(resumed.rows(), full.rows())
+    resumed = harvest(cli_config(killed, corpus_file), model=model, progress=False)
+    assert resumed.complete and resumed.n_rows == reference_store.n_rows
+    assert np.array_equal(resumed.rows(), reference_store.rows())
     for site in SITES.split(","):
-        assert torch.equal(resumed.read(site), full.read(site))
-    assert sorted(p.name for p in (killed / "shards").iterdir()) == [f"{i:05d}" for i in range(n_shards)]
+        assert torch.equal(resumed.read(site), reference_store.read(site))
+    assert sorted(p.name for p in (killed / "shards").iterdir()) == [f"{i:05d}" for i in range(len(reference_store.shards))]
+
+
+def test_second_writer_waits_or_names_the_holder_and_readers_are_never_blocked(tmp_path, corpus_file, model, reference_store):
+    """Real processes on one store: the first pauses (deterministically, INTERP_FAULT hold) with
+    shard 2 written to a temporary folder; a second writer told not to wait (this process) fails
+    naming the first one's pid; a reader reads the complete shards meanwhile; a third writer (a
+    child process) waits for the first; the first writer's temporary shard survives all of it,
+    and the store ends equal to an undisturbed harvest."""
+    from interp.errors import LockedError
+
+    out, held = tmp_path / "store", tmp_path / "held"
+    first = harvest_cli(out, corpus_file, fault=f"harvest.shard-written#3#hold:{held}")
+    deadline = time.time() + 300
+    while not held.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert held.exists(), "the first writer never reached its hold point"
+    temporary = [p for p in (out / "shards").iterdir() if p.name.startswith(".00002.tmp-")]
+    assert len(temporary) == 1
+
+    with pytest.raises(LockedError, match=f"being written by pid {first.pid} "):
+        harvest(cli_config(out, corpus_file, wait=False), model=model, progress=False)
+    reader = ActivationStore(out)  # complete shards stay readable while the writer holds the lock
+    site = SITES.split(",")[0]
+    assert reader.n_rows == 2 * 64 * 31 and torch.equal(reader.read(site), reference_store.read(site, slice(0, reader.n_rows)))
+
+    log = tmp_path / "third.log"
+    with open(log, "w") as stderr:
+        third = harvest_cli(out, corpus_file, fault="none#1", stderr=stderr)
+        while f"waiting for pid {first.pid}" not in log.read_text() and third.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert f"waiting for pid {first.pid}" in log.read_text(), log.read_text()
+        assert temporary[0].exists()  # the waiting writer did not clean up the live writer's shard
+        held.unlink()  # let the first writer go on
+        assert first.wait(timeout=300) == 0
+        assert third.wait(timeout=300) == 0, log.read_text()
+    store = ActivationStore(out)
+    assert store.complete and store.verify() == [] and not temporary[0].exists()
+    for name in SITES.split(","):
+        assert torch.equal(store.read(name), reference_store.read(name))
 
 
 def test_shuffled_epochs_visit_every_row_once_and_resume_exactly(tmp_path, corpus_file, model):
@@ -143,6 +205,42 @@ def test_shuffled_epochs_visit_every_row_once_and_resume_exactly(tmp_path, corpu
         store.batches(site, 100, shuffle=True, seed=6).load_state_dict(saved)
 
 
+def test_row_permutation_is_a_bijection_on_ten_million_rows():
+    n = 10_000_000
+    permutation = RowPermutation(n, [0, 0])
+    rows = np.concatenate([permutation[start : start + 2**21] for start in range(0, n, 2**21)])
+    assert len(rows) == n and rows.min() == 0 and rows.max() == n - 1
+    assert np.bincount(rows, minlength=n).max() == 1  # n rows, none twice: each exactly once
+    # and it shuffles: a batch spreads over the whole range, positions and rows are uncorrelated
+    first = rows[:4096]
+    assert np.abs(np.bincount(first * 10 // n, minlength=10) - 409.6).max() < 100  # about 5 sigma
+    assert abs(np.corrcoef(np.arange(2**20), rows[: 2**20])[0, 1]) < 0.01
+    other = RowPermutation(n, [0, 1])[:4096]
+    assert len(np.intersect1d(first, other)) < 20  # another epoch: an unrelated order (about 1.7 shared by chance)
+
+
+def test_starting_an_epoch_over_a_billion_virtual_rows_is_cheap_and_reads_nothing():
+    import tracemalloc
+
+    from interp.store.read import Batches
+
+    n = 10**9
+    loader = Batches(object(), ["acts"], 4096, shuffle=True, seed=3, dtype=None, drop_last=False, single=True,
+                     rank=0, world_size=1, start=0, stop=n)  # no store behind it: any read would fail
+    tracemalloc.start()
+    try:
+        began = time.perf_counter()
+        loader.load_state_dict({"epoch": 7, "batch": 0, "seed": 3, "shuffle": True, "batch_size": 4096})
+        rows = loader.rows_of(0)
+        elapsed = time.perf_counter() - began
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 1.0 and peak < 100e6, (elapsed, peak)
+    assert len(np.unique(rows)) == 4096 and rows.min() >= 0 and rows.max() < n and (np.diff(rows) > 0).all()
+    assert np.array_equal(rows, np.sort(RowPermutation(n, [3, 7])[:4096]))
+
+
 def test_reads_in_any_index_order(tmp_path, corpus_file, model):
     store = harvest(config(tmp_path / "s", corpus_file, tokens=3000), model=model, progress=False)
     site = "blocks.1.hook_resid_post"
@@ -159,7 +257,7 @@ def test_several_sites_stay_aligned_and_ranks_split(tmp_path, corpus_file, model
     store = harvest(config(tmp_path / "s", corpus_file), model=model, progress=False)
     sites = SITES.split(",")
     batch = next(iter(store.batches(sites, 64, shuffle=True, seed=1)))
-    rows = np.sort(np.random.default_rng([1, 0]).permutation(store.n_rows)[:64])
+    rows = np.sort(RowPermutation(store.n_rows, [1, 0])[:64])
     for site in sites:
         assert torch.equal(batch[site], store.read(site, rows))
     ranks = [list(store.batches(sites[0], 50, rank=r, world_size=2)) for r in range(2)]

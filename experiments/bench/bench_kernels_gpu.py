@@ -8,7 +8,8 @@ bench_sae_step.py). Prints, measured in one run with CUDA events (median of 20 a
                                   and the dense path (matmul, ReLU, torch.topk)
   sparse decoder (Triton)         vs  dense decode (scatter codes to [tokens, latents], then @ W_dec)
                                   at latents / k >= 512 (goal: >= 10x faster)
-and checks the fused kernel's top-k values against the dense path.
+and checks the fused kernel's top-k values against the dense path. Everything is IEEE float32 (no
+TF32 on either side). `experiments/bench/gpu_check.sh` runs this together with the kernel tests.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def main() -> None:
     from interp_kernels import reference
     from interp_kernels.triton_kernels import decode_triton, topk_encode_triton
 
-    torch.backends.cuda.matmul.allow_tf32 = True  # the Triton kernel's tl.dot uses TF32 too
+    torch.backends.cuda.matmul.allow_tf32 = False  # IEEE float32 on both sides, as the Triton kernel computes
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(args.tokens, args.d, device="cuda", generator=g)
     W = torch.randn(args.latents, args.d, device="cuda", generator=g) / args.d**0.5

@@ -40,7 +40,7 @@ def sparsify_run(trainer, k: int) -> dict:
     sae = SparseCoder(d, SparseCoderConfig(num_latents=c.latents, k=k))
     opt = torch.optim.Adam(sae.parameters(), lr=trainer.lr)
     since = torch.zeros(c.latents, dtype=torch.long)
-    loader = store.batches(trainer.in_site, c.batch_size, shuffle=True, seed=c.seed, rows=trainer.train_rows, drop_last=True)
+    loader = store.batches(trainer.in_site, trainer.batch_size, shuffle=True, seed=c.seed, rows=trainer.train_rows, drop_last=True)
     batches = iter(loader)
     start = time.perf_counter()
     for step in range(trainer.steps):
@@ -63,7 +63,7 @@ def sparsify_run(trainer, k: int) -> dict:
     dictionary = _as_dictionary(sae, trainer, k)
     held_out = (trainer.train_rows[1], store.n_rows)
     metrics = reconstruction_metrics(dictionary, store, held_out)
-    metrics["dead_fraction"] = float((since >= trainer.steps * c.batch_size).double().mean())
+    metrics["dead_fraction"] = float((since >= trainer.steps * trainer.batch_size).double().mean())
     metrics["train_seconds"] = seconds
     return metrics
 
@@ -103,7 +103,7 @@ def main() -> None:
     trainer = Trainer(config)
     ours = next(iter(trainer.run().values()))
     theirs = sparsify_run(trainer, args.k)
-    print(f"\nTopK SAE, {args.site}, {args.latents} latents, k={args.k}, {trainer.steps * config.batch_size:,} tokens; "
+    print(f"\nTopK SAE, {args.site}, {args.latents} latents, k={args.k}, {trainer.steps * trainer.batch_size:,} tokens; "
           f"held-out rows {trainer.store.n_rows - trainer.train_rows[1]:,}")
     print(f"{'':12s}{'FVU':>10s}{'FVU inliers':>13s}{'dead':>10s}{'L0':>8s}{'train s':>10s}")
     for name, m in (("interp", ours), ("sparsify", theirs)):

@@ -13,6 +13,8 @@ cache dir and reused), all served from the page cache (each case is warmed first
   raw memmap gather      sorted random rows of the flat memmap (np.take into a reused buffer) <- baseline (shuffled)
   raw memmap, torch      the same gather with torch.index_select, for reference
   store, shuffled        ActivationStore.batches(shuffle=True): token-level, every row once per epoch
+  ... pages released     the same through ActivationStore(keep_pages=False), as the trainer reads: pages
+                         unmapped after every batch (resident memory stays one batch), faulted in again
   SAELens format, shuf.  as SAELens shuffles: random whole contexts taken from the Arrow dataset, then
                          their tokens permuted (a context-level shuffle plus mixing; true token-level
                          random access in this layout would read nearly every context per batch)
@@ -105,6 +107,12 @@ def main() -> None:
         for index in range(len(shuffled)):
             loader.read_batch(index)
 
+    released = ActivationStore(root, keep_pages=False).batches(SITE, batch, shuffle=True, seed=0, dtype=None)
+
+    def store_shuffled_released() -> None:
+        for index in range(len(shuffled)):
+            released.read_batch(index)
+
     per_context = store.manifest["rows_per_context"]
 
     def saelens_sequential() -> None:
@@ -126,7 +134,8 @@ def main() -> None:
     seq = report(f"Sequential read, {sequential_bytes / 1e9:.2f} GB per pass, batch {batch}", timed, "raw memmap copy",
                  targets={"store, sequential": 1 / 0.7})
     timed = interleaved({"raw memmap gather": raw_gather, "raw memmap gather, torch": raw_torch_gather,
-                         "store, shuffled": store_shuffled, "SAELens format, shuffled": saelens_shuffled},
+                         "store, shuffled": store_shuffled, "store, shuffled, pages released (trainer)": store_shuffled_released,
+                         "SAELens format, shuffled": saelens_shuffled},
                         repeats=args.repeats)
     shuf = report(f"Token-level shuffled read, {gathered / 1e9:.2f} GB per pass, batch {batch}", timed,
                   "raw memmap gather", targets={"store, shuffled": 1 / 0.5})

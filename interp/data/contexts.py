@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from interp.data.corpora import Corpus
 from interp.errors import InputError
-from interp.paths import interp_home
+from interp.paths import atomic_write, interp_home
 
 
 @dataclass
@@ -106,11 +106,13 @@ def _stream(corpus: Corpus, tokenizer: Any, eos: int | None) -> tuple[np.ndarray
         except (OSError, ValueError, KeyError):
             pass  # unreadable: tokenize again and overwrite it
     stream = _tokenize(corpus, tokenizer, eos)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, tokens=stream[0], doc_ids=stream[1], doc_positions=stream[2])
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: _save_npz(tmp, stream))
     return stream
+
+
+def _save_npz(path: Path, stream: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    with open(path, "wb") as handle:  # a handle: np.savez would append ".npz" to the temporary name
+        np.savez(handle, tokens=stream[0], doc_ids=stream[1], doc_positions=stream[2])
 
 
 def tokenizer_digest(tokenizer: Any) -> str:

@@ -1,8 +1,9 @@
 """Saving and loading dictionaries: our own format, and SAELens's (both directions).
 
 Own format: a folder with ``dictionary.safetensors`` (parameters and buffers) and
-``dictionary.json`` (``{"format": "interp-dictionary", "config": {...}, ...}``), each written to a
-temporary name and renamed, so a crash never leaves a half-written file under the real name.
+``dictionary.json`` (``{"format": "interp-dictionary", "config": {...}, ...}``), each written
+atomically (``interp.paths.atomic_write``), so a crash never leaves a half-written file under the
+real name; the SAELens export folder is written whole and renamed into place.
 
 SAELens format: ``cfg.json`` + ``sae_weights.safetensors`` written and read by SAELens's own
 classes, so ``sae_lens.SAE.load_from_disk`` loads what we export. Input normalisation is folded
@@ -16,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from interp.dictionary.sae import DictionaryConfig, SparseDictionary
 from interp.errors import InputError
+from interp.paths import atomic_directory, atomic_write, write_json
 
 WEIGHTS, META = "dictionary.safetensors", "dictionary.json"
 FORMAT = "interp-dictionary"
@@ -35,9 +36,9 @@ def save_dictionary(dictionary: SparseDictionary, folder: str | Path, **extra: A
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().contiguous().cpu() for name, t in dictionary.state_dict().items()}
-    _atomic(folder / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    atomic_write(folder / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
     meta = {"format": FORMAT, "version": 1, "config": dataclasses.asdict(dictionary.config), **extra}
-    _atomic(folder / META, lambda tmp: tmp.write_text(json.dumps(meta, indent=1, default=str)))
+    write_json(folder / META, meta)
     return folder
 
 
@@ -64,15 +65,6 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
 def _check_width(config: DictionaryConfig, d_in: int | None, where: Path) -> None:
     if d_in is not None and config.d_in != d_in:
         raise InputError(f"{where}: the dictionary reads vectors of width {config.d_in}, but the site has width {d_in}")
-
-
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------ SAELens
@@ -118,8 +110,8 @@ def export_saelens(dictionary: SparseDictionary, folder: str | Path) -> Path:
             sae = JumpReLUSAE(JumpReLUSAEConfig(apply_b_dec_to_input=True, **common))
     sae.load_state_dict(weights)
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    sae.save_model(folder)
+    with atomic_directory(folder) as tmp:
+        sae.save_model(tmp)
     return folder
 
 

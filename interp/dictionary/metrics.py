@@ -111,9 +111,16 @@ class _VarianceSums:
 
 @torch.no_grad()
 def splice_metrics(
-    model: Model, dictionary: SparseDictionary, tokens: torch.Tensor, *, first_position: int = 1, batch_size: int = 16,
+    model: Model, dictionary: SparseDictionary, tokens: torch.Tensor, *, first_position: int = 1,
+    batch_size: int | None = None, logits_bytes: int = 64 * 2**20,
 ) -> dict[str, float]:
-    """CE loss of ``model`` on ``tokens`` [contexts, pos]: clean, with the dictionary spliced, and zero-ablated."""
+    """CE loss of ``model`` on ``tokens`` [contexts, pos]: clean, with the dictionary spliced, and zero-ablated.
+
+    Contexts run ``batch_size`` at a time, by default as many as keep one logits tensor within
+    ``logits_bytes`` (two SmolLM2 contexts of 128 tokens: its 49,152-token vocabulary makes the
+    logits, not the model, the largest tensors here); each run's losses are summed before the
+    next one starts, so at most two logits tensors exist at once.
+    """
     c = dictionary.config
     out_site = c.output_site or c.input_site
     positions = slice(first_position, None)
@@ -132,22 +139,29 @@ def splice_metrics(
     if c.is_transcoder:
         spliced.insert(0, interp.Apply(c.input_site, capture_input))
     zero = [interp.Replace(out_site, 0.0, positions=positions)]
+    if batch_size is None:
+        per_context = tokens.shape[1] * model.cfg.d_vocab * 4
+        batch_size = max(1, logits_bytes // per_context)
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
     count = 0
     for chunk in tokens.split(batch_size):
         ids = interp.Tokens(chunk.long().to(model.device))
-        clean = model.forward(ids)
-        with model.intervene(*spliced):
-            edited = model.forward(ids)
-        with model.intervene(*zero):
-            ablated = model.forward(ids)
         # Losses on next-token predictions from the first spliced position on.
-        target = ids.ids[:, first_position + 1 :]
-        logprobs = {name: logits[:, first_position:-1].float().log_softmax(-1)
-                    for name, logits in (("clean", clean), ("spliced", edited), ("zero", ablated))}
-        for name, lp in logprobs.items():
-            sums[name] += float(-lp.gather(-1, target[..., None]).sum())
-        sums["kl"] += float((logprobs["clean"].exp() * (logprobs["clean"] - logprobs["spliced"])).sum())
+        target = ids.ids[:, first_position + 1 :, None]
+
+        def logprobs(logits: torch.Tensor) -> torch.Tensor:
+            return logits[:, first_position:-1].float().log_softmax(-1)
+
+        clean = logprobs(model.forward(ids))
+        sums["clean"] -= float(clean.gather(-1, target).sum())
+        with model.intervene(*spliced):
+            edited = logprobs(model.forward(ids))
+        sums["spliced"] -= float(edited.gather(-1, target).sum())
+        edited.sub_(clean).neg_().mul_(clean.exp_())  # p_clean (log p_clean - log p_spliced), in place
+        sums["kl"] += float(edited.sum())
+        del clean, edited
+        with model.intervene(*zero):
+            sums["zero"] -= float(logprobs(model.forward(ids)).gather(-1, target).sum())
         count += target.numel()
     ce = {name: sums[name] / count for name in ("clean", "spliced", "zero")}
     return {

@@ -1,7 +1,7 @@
 """Sparse dictionaries: SAEs (input site = output site) and transcoders (input site -> output site).
 
-Architectures: ``topk`` (k latents per token), ``batchtopk`` (k x rows latents per batch, a
-learned threshold at inference), ``jumprelu`` (per-latent thresholds trained through a
+Architectures: ``topk`` (k latents per token), ``batchtopk`` (k x rows latents per batch; at
+inference one threshold, calibrated on training rows so that k latents fire per row on average), ``jumprelu`` (per-latent thresholds trained through a
 straight-through estimator with an L0 penalty) and ``relu`` (ReLU with an L1 penalty).
 
 Conventions (those of EleutherAI sparsify and OpenAI's TopK SAEs):
@@ -125,10 +125,14 @@ class SparseDictionary(nn.Module):
         return self.encode_scaled(self.encoder_input(x), batch=self.training)
 
     def encode_scaled(self, z: torch.Tensor, *, batch: bool = False) -> Code:
-        """The code of an encoder input; ``batch=True`` selects BatchTopK's per-batch rule (training)."""
+        """The code of an encoder input; ``batch=True`` selects BatchTopK's per-batch rule (training).
+
+        ``compute_dtype`` (e.g. bfloat16 matmuls) applies in training mode only: inference and
+        evaluation always compute in float32, so metrics do not depend on the machine.
+        """
         c = self.config
         if c.architecture == "topk":
-            return Code(*K.topk_encode(z, self.W_enc, self.b_enc, c.k, compute_dtype=self.compute_dtype))
+            return Code(*K.topk_encode(z, self.W_enc, self.b_enc, c.k, compute_dtype=self._compute_dtype()))
         if c.architecture == "batchtopk":
             return self._batch_topk(z) if batch else Code(dense=_threshold(self.pre_activations(z), self.threshold))
         pre = self.pre_activations(z)
@@ -136,29 +140,58 @@ class SparseDictionary(nn.Module):
             return Code(dense=torch.relu(pre))
         return Code(dense=_JumpReLU.apply(pre, self.log_threshold.exp(), c.jumprelu_bandwidth))
 
+    def _compute_dtype(self) -> torch.dtype | None:
+        return self.compute_dtype if self.training else None
+
     def pre_activations(self, z: torch.Tensor) -> torch.Tensor:
         return F.linear(z, self.W_enc, self.b_enc)
 
     def _batch_topk(self, z: torch.Tensor) -> Code:
-        """The rows x k largest activations of the batch, exactly.
+        """The rows x k largest activations of the batch, exactly."""
+        values, indices, kth = self._batch_selection(z)
+        keep = (values.detach() >= kth) & (values.detach() > 0)
+        if self.training and bool(keep.any()):
+            # Running estimate of the inference threshold (the batch's smallest kept value), started
+            # at the first batch's value rather than at 0, so it is not biased low in short runs.
+            # The trainer replaces it at the end with ``calibrate_threshold`` on training rows.
+            smallest = values.detach()[keep].min()
+            self.threshold.copy_(smallest if float(self.threshold) == 0 else 0.99 * self.threshold + 0.01 * smallest)
+        return Code(values * keep, indices)
 
-        Each row offers its top ``cap`` candidates; if some row had all of them selected it
-        might deserve more, so ``cap`` doubles and the selection is redone.
+    def _batch_selection(self, z: torch.Tensor, rows_per_pass: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's top ``cap`` candidates (values, indices) and the (rows x k)-th largest activation.
+
+        If some row had all its candidates at or above that value it might deserve more, so
+        ``cap`` doubles and the selection is redone. Rows are encoded ``rows_per_pass`` at a time.
         """
         k, rows, n = self.config.k, z.shape[0], self.config.n_latents
         cap = min(4 * k, n)
         while True:
-            values, indices = K.topk_encode(z, self.W_enc, self.b_enc, cap, compute_dtype=self.compute_dtype)
+            parts = [K.topk_encode(chunk, self.W_enc, self.b_enc, cap, compute_dtype=self._compute_dtype())
+                     for chunk in z.split(rows_per_pass)]
+            values, indices = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             flat = values.detach().reshape(-1)
             kth = flat.topk(min(rows * k, flat.numel())).values[-1]
             weakest = values.detach().min(-1).values
             if cap == n or not bool(((weakest >= kth) & (weakest > 0)).any()):
-                break
+                return values, indices, kth
             cap = min(2 * cap, n)
-        keep = (values.detach() >= kth) & (values.detach() > 0)
-        if self.training and bool(keep.any()):  # inference threshold: running mean of the smallest kept value
-            self.threshold.mul_(0.99).add_(0.01 * values.detach()[keep].min())
-        return Code(values * keep, indices)
+
+    @torch.no_grad()
+    def calibrate_threshold(self, x: torch.Tensor) -> float:
+        """BatchTopK: set the inference threshold from rows ``x`` [rows, d_in] of the training data
+        to the (rows x k)-th largest activation among them, so that inference keeps k latents per
+        row on average, as training did. Computed in float32, as inference is; returns it."""
+        if self.config.architecture != "batchtopk":
+            raise InputError(f"calibrate_threshold is for batchtopk dictionaries, not {self.config.architecture}")
+        training = self.training
+        self.eval()
+        try:
+            _, _, kth = self._batch_selection(self.encoder_input(x))
+        finally:
+            self.train(training)
+        self.threshold.fill_(max(float(kth), 0.0))
+        return float(self.threshold)
 
     # ------------------------------------------------------------- decoding
     def decode_scaled(self, code: Code) -> torch.Tensor:

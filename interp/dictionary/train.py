@@ -5,7 +5,9 @@
    ``eval_tokens`` rows that training never reads;
 2. trains one dictionary per value of ``k`` in lockstep from one read of the store (Adam, linear
    warm-up and decay, unit-norm decoder rows, AuxK on latents dead for ``auxk_dead_tokens``);
-3. checkpoints every ``checkpoint_every`` steps (atomically) and resumes exactly with ``--resume``;
+3. checkpoints every ``checkpoint_every`` steps (``checkpoint.py``: versioned folders and an
+   atomically replaced pointer, so a crash at any moment leaves a checkpoint) and resumes exactly
+   with ``--resume``;
 4. evaluates every dictionary (``metrics.py``), prints the table and writes ``metrics.json``, the
    dictionaries (own format) and their SAELens exports.
 
@@ -15,7 +17,6 @@ checkpoint stays as it was.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,16 +25,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import interp_kernels as K
-from interp.config import config_dict, opt, parse_count, write_config
-from interp.dictionary import io
+from interp.config import config_dict, opt, parse_count
+from interp.dictionary import checkpoint, io
 from interp.dictionary.metrics import metrics_table, reconstruction_metrics, splice_metrics
 from interp.dictionary.sae import DictionaryConfig, SparseDictionary, jumprelu_l0
+from interp.dictionary.schedule import resolve_schedule
 from interp.errors import InputError, TrainingError
-from interp.paths import atomic_directory, interp_home
+from interp.paths import file_lock, interp_home, write_json
 from interp.store import ActivationStore, HarvestConfig, harvest
 
 
@@ -50,9 +51,9 @@ class TrainConfig:
     corpus: str = opt("shakespeare", "corpus to harvest from when the store does not exist yet")
     store: Path | None = opt(None, "activation store (default: one per model/corpus/sites under the cache dir)")
     out: Path = opt(Path("runs/sae"), "output folder")
-    batch_size: int = opt(4096, "tokens per step")
-    lr: float = opt(0.0, "Adam learning rate; 0 = 2e-4 / sqrt(latents / 16384)")
-    warmup_steps: int = opt(50, "linear learning-rate warm-up")
+    batch_size: int = opt(0, "tokens per step; 0 = chosen from --tokens (the short-budget rule, see the README)")
+    lr: float = opt(0.0, "Adam learning rate; 0 = chosen from --tokens and --latents (the short-budget rule)")
+    warmup_steps: int = opt(-1, "linear learning-rate warm-up, in steps; -1 = chosen from the number of steps")
     decay_fraction: float = opt(0.2, "fraction of steps at the end with linear decay to 0")
     auxk_coefficient: float = opt(1 / 32, "weight of the AuxK loss (topk / batchtopk)")
     auxk_dead_tokens: int = opt(0, "tokens without firing after which AuxK treats a latent as dead; 0 = min(10M, tokens/8)", parse=parse_count)
@@ -127,20 +128,21 @@ class Trainer:
             self.out_site = resolve_site(self.model, c.output_site, c.layer) if c.output_site else self.in_site
         self.sites = [self.in_site] if self.out_site == self.in_site else [self.in_site, self.out_site]
         self.store = self._open_store()
+        self.schedule = resolve_schedule(c.tokens, c.latents, batch_size=c.batch_size, lr=c.lr, warmup_steps=c.warmup_steps)
+        self.batch_size, self.lr = self.schedule.batch_size, self.schedule.lr
         n = self.store.n_rows
         self.train_rows = (0, n - c.eval_tokens)
-        if self.train_rows[1] < c.batch_size:
-            raise InputError(f"the store has {n:,} rows: too few for {c.eval_tokens:,} held-out rows plus one batch of {c.batch_size}")
-        self.steps = c.tokens // c.batch_size  # more tokens than training rows: further epochs
-        self.auxk_dead = c.auxk_dead_tokens or min(10_000_000, max(c.tokens // 8, c.batch_size))
-        self.lr = c.lr or 2e-4 / math.sqrt(c.latents / 2**14)
+        if self.train_rows[1] < self.batch_size:
+            raise InputError(f"the store has {n:,} rows: too few for {c.eval_tokens:,} held-out rows plus one batch of {self.batch_size}")
+        self.steps = self.schedule.steps  # more tokens than training rows: further epochs
+        self.auxk_dead = c.auxk_dead_tokens or min(10_000_000, max(c.tokens // 8, self.batch_size))
         sample = self._init_sample()
         self.max_norm = self._max_norm(sample)
         self.dictionaries = {self._name(k): self._new_dictionary(k, sample) for k in c.ks()}
         params = {name: list(d.parameters()) for name, d in self.dictionaries.items()}
         self.optimizers = {name: torch.optim.Adam(p, lr=self.lr, fused=True) for name, p in params.items()}
         self.since_fired = {name: torch.zeros(c.latents, dtype=torch.long) for name in self.dictionaries}
-        self.loader = self.store.batches(self.sites, c.batch_size, shuffle=True, seed=c.seed, rows=self.train_rows, drop_last=True)
+        self.loader = self.store.batches(self.sites, self.batch_size, shuffle=True, seed=c.seed, rows=self.train_rows, drop_last=True)
         self.step = 0
         self.train_seconds = 0.0
         self.history: list[dict[str, Any]] = []
@@ -154,7 +156,7 @@ class Trainer:
     def _open_store(self) -> ActivationStore:
         c = self.config
         if self.model is None:
-            store = ActivationStore(c.store)
+            store = ActivationStore(c.store, keep_pages=False)
             for site in self.sites:
                 store.check_site(site)
             return store
@@ -163,7 +165,7 @@ class Trainer:
             harvest(HarvestConfig(out=path, model=c.model, sites=",".join(self.sites), corpus=c.corpus,
                                   tokens=c.tokens + c.eval_tokens, context_len=c.context_len, device=c.device),
                     model=self.model, progress=self.progress)
-        store = ActivationStore(path)
+        store = ActivationStore(path, keep_pages=False)  # resident memory: one batch, not the store
         for site in self.sites:
             store.check_site(site)
         if store.manifest["model"]["name"] != self.model.cfg.name:
@@ -227,7 +229,7 @@ class Trainer:
     # ------------------------------------------------------------ training
     def lr_at(self, step: int) -> float:
         c = self.config
-        warm = min(1.0, (step + 1) / max(1, c.warmup_steps))
+        warm = min(1.0, (step + 1) / max(1, self.schedule.warmup_steps))
         decay_start = int(self.steps * (1 - c.decay_fraction))
         decay = 1.0 if step < decay_start else max(0.0, (self.steps - step) / max(1, self.steps - decay_start))
         return self.lr * warm * decay
@@ -245,8 +247,10 @@ class Trainer:
     def run(self) -> dict[str, dict[str, Any]]:
         c = self.config
         c.out.mkdir(parents=True, exist_ok=True)
-        write_config(c, c.out)
-        bar = tqdm(total=self.steps * c.batch_size, initial=self.step * c.batch_size, unit="tok", unit_scale=True,
+        write_json(c.out / "config.json", {**config_dict(c), "resolved": self.schedule.as_dict()}, indent=2)
+        if self.progress:
+            tqdm.write(f"schedule: {self.schedule.describe()}")
+        bar = tqdm(total=self.steps * self.batch_size, initial=self.step * self.batch_size, unit="tok", unit_scale=True,
                    desc="train", disable=not self.progress, smoothing=0.1)
         batches = self._batches()
         start = time.perf_counter()
@@ -255,11 +259,11 @@ class Trainer:
             _check_finite(batch, rows, self.store)
             stats = self.train_step(batch)
             first = next(iter(stats.values()))
-            bar.update(c.batch_size)
+            bar.update(self.batch_size)
             if self.step % 10 == 0 or self.step == self.steps:
                 bar.set_postfix_str(f"loss {first['loss']:.3f} fvu {first['fvu']:.3f} L0 {first['l0']:.1f} "
                                     f"dead {self.dead_fraction(next(iter(stats))):.1%}")
-                self.history.append({"step": self.step, "tokens": self.step * c.batch_size, **{n: s for n, s in stats.items()}})
+                self.history.append({"step": self.step, "tokens": self.step * self.batch_size, **{n: s for n, s in stats.items()}})
             if self.step % c.checkpoint_every == 0 or self.step == self.steps:
                 self.save_checkpoint()
         bar.close()
@@ -273,26 +277,22 @@ class Trainer:
                 yield self.loader.rows_of(self.loader.batch - 1), batch
 
     def dead_fraction(self, name: str) -> float:
-        window = min(self.config.dead_window, self.step * self.config.batch_size)
+        window = min(self.config.dead_window, self.step * self.batch_size)
         return float((self.since_fired[name] >= max(window, 1)).double().mean())
 
     # ----------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
-        with atomic_directory(self.config.out / "checkpoint") as tmp:
-            for name, d in self.dictionaries.items():
-                tensors = {f"model.{k}": v.detach().contiguous() for k, v in d.state_dict().items()}
-                tensors.update(_optimizer_tensors(self.optimizers[name]))
-                tensors["since_fired"] = self.since_fired[name]
-                save_file(tensors, str(tmp / f"{name}.safetensors"))
-            state = {"step": self.step, "loader": self.loader.state_dict(), "history": self.history,
-                     "config": config_dict(self.config), "d_in": self.store.d(self.in_site), "lr": self.lr}
-            (tmp / "state.json").write_text(json.dumps(state))
+        tensors = {}
+        for name, d in self.dictionaries.items():
+            tensors[name] = {f"model.{k}": v.detach().contiguous() for k, v in d.state_dict().items()}
+            tensors[name].update(_optimizer_tensors(self.optimizers[name]))
+            tensors[name]["since_fired"] = self.since_fired[name]
+        state = {"step": self.step, "loader": self.loader.state_dict(), "history": self.history,
+                 "config": config_dict(self.config), "d_in": self.store.d(self.in_site), "lr": self.lr}
+        checkpoint.save(self.config.out, self.step, tensors, state)
 
     def load_checkpoint(self) -> None:
-        folder = self.config.out / "checkpoint"
-        if not (folder / "state.json").exists():
-            raise InputError(f"--resume: {folder} holds no checkpoint")
-        state = json.loads((folder / "state.json").read_text())
+        folder, state = checkpoint.load(self.config.out)
         if state["d_in"] != self.store.d(self.in_site):
             raise InputError(f"--resume: the checkpoint has d_in={state['d_in']}, the site has {self.store.d(self.in_site)}")
         saved = {k: v for k, v in state["config"].items() if k not in ("resume",)}
@@ -301,7 +301,7 @@ class Trainer:
         if differ:
             raise InputError(f"--resume: the settings differ from the checkpoint's: {differ}")
         for name, d in self.dictionaries.items():
-            tensors = load_file(str(folder / f"{name}.safetensors"))
+            tensors = checkpoint.load_tensors(folder, name)
             d.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
             _load_optimizer_tensors(self.optimizers[name], tensors)
             self.since_fired[name] = tensors["since_fired"].clone()
@@ -314,18 +314,22 @@ class Trainer:
         results = {}
         held_out = (self.train_rows[1], self.store.n_rows)
         contexts = None if self.model is None else held_out_contexts(self.store, held_out, c.eval_contexts, self.model.tokenizer)
+        if c.architecture == "batchtopk":  # the inference threshold, from the final weights on training rows
+            sample = self._keep(self._init_sample())[self.in_site]
+            for d in self.dictionaries.values():
+                d.calibrate_threshold(sample)
         for name, d in self.dictionaries.items():
-            metrics = {"tokens": self.step * c.batch_size, "train_seconds": self.train_seconds,
+            metrics = {"tokens": self.step * self.batch_size, "train_seconds": self.train_seconds,
                        "dead_fraction": self.dead_fraction(name), **dictionary_metrics(d, self.store, held_out, self.model, contexts)}
             folder = c.out / name
             io.save_dictionary(d, folder, metrics=metrics, store=str(self.store.root), held_out_rows=list(held_out),
-                               training={"steps": self.step, "lr": self.lr, "batch_size": c.batch_size})
+                               training={"steps": self.step, **self.schedule.as_dict()})
             if not (c.architecture == "topk" and d.config.is_transcoder):
                 io.export_saelens(d, folder / "saelens")
-            (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            write_json(folder / "metrics.json", metrics)
             results[name] = metrics
-        (c.out / "metrics.json").write_text(json.dumps(results, indent=1))
-        (c.out / "history.json").write_text(json.dumps(self.history))
+        write_json(c.out / "metrics.json", results)
+        write_json(c.out / "history.json", self.history, indent=None)
         return results
 
 
@@ -466,14 +470,21 @@ def _load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str,
 
 
 def train(config: TrainConfig, *, model: Any = None, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Run (or resume) a training job; returns the metrics of every dictionary."""
-    trainer = Trainer(config, model=model, progress=progress)
-    checkpoint = config.out / "checkpoint"
-    if config.resume:
-        trainer.load_checkpoint()
-    elif checkpoint.exists():
-        raise InputError(f"{config.out} already holds a run; pass --resume to continue it or choose another --out")
-    return trainer.run()
+    """Run (or resume) a training job; returns the metrics of every dictionary.
+
+    The run folder is locked for the whole job: a second job with the same ``--out`` exits at once,
+    naming the pid that holds it.
+    """
+    with file_lock(config.out / RUN_LOCK, what=f"the run folder {config.out}", wait=False):
+        if not config.resume and checkpoint.exists(config.out):
+            raise InputError(f"{config.out} already holds a run; pass --resume to continue it or choose another --out")
+        trainer = Trainer(config, model=model, progress=progress)
+        if config.resume:
+            trainer.load_checkpoint()
+        return trainer.run()
+
+
+RUN_LOCK = "run.lock"
 
 
 @dataclass
@@ -488,16 +499,18 @@ def evaluate(config: EvalConfig, *, model: Any = None) -> dict[str, Any]:
     from interp.models import load_model
 
     meta = io.read_meta(config.dictionary)
-    store = ActivationStore(config.store or meta["store"])
+    store = ActivationStore(config.store or meta["store"], keep_pages=False)
     rows = tuple(meta["held_out_rows"]) if config.store is None else (0, store.n_rows)
     input_site = meta["config"]["input_site"]
     for site in {input_site, meta["config"]["output_site"] or input_site}:
         store.check_site(site)
     d = io.load_dictionary(config.dictionary, d_in=store.d(input_site))
-    model = model if model is not None else load_model(d.config.model or store.manifest["model"]["name"])
-    contexts = held_out_contexts(store, rows, config.eval_contexts, model.tokenizer)
+    contexts = None
+    if config.eval_contexts > 0:  # the spliced-CE metrics need the model
+        model = model if model is not None else load_model(d.config.model or store.manifest["model"]["name"])
+        contexts = held_out_contexts(store, rows, config.eval_contexts, model.tokenizer)
     metrics = dictionary_metrics(d, store, rows, model, contexts)
-    (Path(config.dictionary) / "eval.json").write_text(json.dumps(metrics, indent=1))
+    write_json(Path(config.dictionary) / "eval.json", metrics)
     return metrics
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from interp.errors import MissingPackageError
-from interp.paths import atomic_directory, file_lock, interp_home
+from interp.paths import atomic_directory, file_lock, interp_home, write_json
 
 MARKER = "interp-conversion.json"
 
@@ -156,4 +156,4 @@ def _convert(source: Path, out: Path) -> None:
         with open(out / name, "rb") as handle:
             digests[name] = hashlib.file_digest(handle, "sha256").hexdigest()
     record = {"source": source.name, "source_bytes": source.stat().st_size, "files": files, "sha256": digests}
-    (out / MARKER).write_text(json.dumps(record, indent=1))
+    write_json(out / MARKER, record)

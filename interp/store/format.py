@@ -12,23 +12,25 @@ Every ``.npy`` file is a plain NumPy array (memory-mappable). ``bfloat16`` has n
 bfloat16 stores hold ``uint16`` arrays with the bfloat16 bit patterns (``manifest["dtype"]``
 says so). A shard directory is written under a temporary name and renamed when complete, and
 the manifest (rewritten atomically) lists only complete shards with their row counts and the
-sha256 of every file.
+sha256 of every file. ``writer.lock`` is the advisory lock a writer holds (readers never take it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from interp.paths import write_json
+
 FORMAT = "interp-activation-store"
 VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = "writer.lock"
 ROW_COLUMNS = ("context", "position", "token", "document", "document_offset")
 
 STORAGE_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
@@ -78,19 +80,5 @@ def read_manifest(root: Path) -> dict[str, Any]:
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    """Replace the manifest atomically (write, fsync, rename)."""
-    tmp = root / f".{MANIFEST}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(manifest, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, root / MANIFEST)
-    fsync_dir(root)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Replace the manifest atomically (readers see the old one or the new one, never a mix)."""
+    write_json(root / MANIFEST, manifest)

@@ -8,6 +8,7 @@ batch where it stopped.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,22 @@ import torch
 
 from interp.errors import InputError, StoreError
 from interp.store import format as fmt
+from interp.store.shuffle import RowPermutation
 
 
 class ActivationStore:
-    """A store directory opened for reading (only shards recorded in the manifest are visible)."""
+    """A store directory opened for reading (only shards recorded in the manifest are visible).
 
-    def __init__(self, root: str | Path):
+    Shards are memory-mapped. With ``keep_pages=True`` (the default) the pages read stay mapped,
+    which is fastest when the same rows are read again, but the process's resident size grows
+    towards the size of the store; ``keep_pages=False`` unmaps them after every read (they stay
+    in the OS page cache, so reading them again costs a page fault, not a disk read), so resident
+    memory stays about one batch: what a trainer reading a large store wants.
+    """
+
+    def __init__(self, root: str | Path, *, keep_pages: bool = True):
         self.root = Path(root)
+        self.keep_pages = keep_pages
         if not (self.root / fmt.MANIFEST).is_file():
             raise StoreError(f"{self.root} is not an activation store (no {fmt.MANIFEST})")
         try:
@@ -38,6 +48,7 @@ class ActivationStore:
         counts = np.array([s["rows"] for s in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])  # global row index of each shard's start
         self._maps: dict[tuple[int, str], torch.Tensor] = {}
+        self._mmaps: dict[tuple[int, str], mmap.mmap] = {}
 
     # ------------------------------------------------------------ metadata
     @property
@@ -94,11 +105,16 @@ class ActivationStore:
                     f"shard {record['index']} of {self.root} is damaged: {filename} has {got} bytes, expected "
                     f"{expected}; run `interp store verify {self.root}`"
                 )
-            array = np.load(path, mmap_mode="r")
+            array, self._mmaps[key] = _map_npy(path)
             with warnings.catch_warnings():  # read-only map: we never write through it
                 warnings.simplefilter("ignore", UserWarning)
                 self._maps[key] = fmt.from_storage(array, "int32" if name == "rows" else self.dtype)
         return self._maps[key]
+
+    def release_pages(self) -> None:
+        """Unmap every page read so far from this process (the data stay in the OS page cache)."""
+        for mapping in self._mmaps.values():
+            _release(mapping)
 
     def rows(self, indices: np.ndarray | slice | None = None) -> np.ndarray:
         """Row metadata [n, 5] (context, position, token, document, document offset) for global rows."""
@@ -111,6 +127,14 @@ class ActivationStore:
         return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
     def _gather(self, name: str, indices: np.ndarray | slice) -> torch.Tensor:
+        out = self._copy_rows(name, indices)
+        if not self.keep_pages:
+            for (_, mapped), mapping in self._mmaps.items():
+                if mapped == name:
+                    _release(mapping)
+        return out
+
+    def _copy_rows(self, name: str, indices: np.ndarray | slice) -> torch.Tensor:
         first_map = self._array(0, name)
         if isinstance(indices, slice):  # contiguous: one copy per shard touched
             start, stop = indices.start, indices.stop
@@ -186,6 +210,23 @@ class ActivationStore:
         return problems
 
 
+def _map_npy(path: Path) -> tuple[np.ndarray, mmap.mmap]:
+    """A read-only memory map of a .npy file, as an array and the map itself (to release its pages)."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(handle)
+        offset = handle.tell()
+        mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    array = np.ndarray(shape, dtype=dtype, buffer=mapping, offset=offset, order="F" if fortran_order else "C")
+    return array, mapping
+
+
+def _release(mapping: mmap.mmap) -> None:
+    if hasattr(mmap, "MADV_DONTNEED"):  # Linux, macOS; elsewhere pages stay mapped
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
 def _as_indices(indices: np.ndarray | slice | None, n: int) -> np.ndarray | slice:
     if indices is None:
         return slice(0, n)
@@ -198,10 +239,12 @@ def _as_indices(indices: np.ndarray | slice | None, n: int) -> np.ndarray | slic
 class Batches:
     """Epoch-aware batch iterator over a store (see ``ActivationStore.batches``).
 
-    Shuffling is per token: each epoch visits every row exactly once, in the order of a
-    permutation drawn from ``(seed, epoch)``; each batch is read in sorted row order (fast
-    memory-map access) and returned in that order, the same on every run. With
-    ``world_size > 1`` each rank gets every ``world_size``-th batch.
+    Shuffling is per token: each epoch visits every row exactly once, in the order of a keyed
+    bijection of the row indices drawn from ``(seed, epoch)`` (``RowPermutation``: computed for
+    one batch's positions at a time, so starting an epoch costs no memory or time whatever the
+    number of rows); each batch is read in sorted row order (fast memory-map access) and
+    returned in that order, the same on every run. With ``world_size > 1`` each rank gets every
+    ``world_size``-th batch.
     """
 
     def __init__(self, store: ActivationStore, sites: list[str], batch_size: int, *, shuffle: bool, seed: int,
@@ -213,7 +256,7 @@ class Batches:
         self.shuffle, self.seed, self.dtype, self.drop_last, self.single = shuffle, seed, dtype, drop_last, single
         self.rank, self.world_size = rank, world_size
         self.epoch, self.batch = 0, 0
-        self._order: np.ndarray | None = None
+        self._order: RowPermutation | None = None
         self._order_epoch = -1
 
     def _total(self) -> int:
@@ -233,12 +276,9 @@ class Batches:
                 raise InputError(f"cannot resume: the saved reader had {key}={state[key]}, this one has {getattr(self, key)}")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
-    def _epoch_order(self) -> np.ndarray:
+    def _epoch_order(self) -> RowPermutation:
         if self._order_epoch != self.epoch:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            self._order = rng.permutation(self.n_rows) + self.start
-            self._order_epoch = self.epoch
-        assert self._order is not None
+            self._order, self._order_epoch = RowPermutation(self.n_rows, [self.seed, self.epoch]), self.epoch
         return self._order
 
     def rows_of(self, index: int) -> np.ndarray | slice:
@@ -246,7 +286,7 @@ class Batches:
         start = index * self.batch_size
         stop = min(start + self.batch_size, self.n_rows)
         if self.shuffle:
-            return np.sort(self._epoch_order()[start:stop])
+            return np.sort(self._epoch_order()[start:stop]) + self.start
         return slice(self.start + start, self.start + stop)
 
     def read_batch(self, index: int) -> torch.Tensor | dict[str, torch.Tensor]:

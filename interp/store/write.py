@@ -1,7 +1,8 @@
 """Harvest: run the model over a corpus once and write the activations of every requested site.
 
 One forward pass per batch captures all sites and stops after the deepest one. Shards are
-written whole under a temporary name, renamed into place, then recorded in the manifest; a
+written whole under a temporary name, renamed into place, then recorded in the manifest, all
+under the store's writer lock (a second writer waits, or exits naming the holder's pid); a
 harvest killed at any moment and started again with the same settings resumes at the first
 missing shard and produces exactly the rows of an uninterrupted run (batches are aligned to
 shard starts, so every forward pass sees the same batch either way).
@@ -25,6 +26,8 @@ from interp.config import config_dict, opt, parse_count
 from interp.data import TokenContexts, load_corpus, token_contexts
 from interp.data.contexts import tokenizer_digest
 from interp.errors import InputError
+from interp.faults import fault_point
+from interp.paths import atomic_directory, file_lock
 from interp.store import format as fmt
 from interp.store.read import ActivationStore
 
@@ -43,6 +46,7 @@ class HarvestConfig:
     seed: int = opt(0, "seed of the context order")
     shard_contexts: int = opt(512, "contexts per shard")
     device: str = opt("cpu", "device to run the model on")
+    wait: bool = opt(True, "if another process is writing this store, wait for it (--no-wait: exit naming its pid)")
 
     def __post_init__(self) -> None:
         self.tokens = parse_count(self.tokens)  # Python callers may write "2M" too
@@ -88,28 +92,29 @@ def harvest(config: HarvestConfig, *, model: Any = None, progress: bool = True) 
         "batch_size": config.batch_size,
         "shard_contexts": config.shard_contexts,
     }
-    manifest = _open_or_create(out, identity, config, contexts, model, per_context)
-    n_shards = math.ceil(len(contexts) / config.shard_contexts)
-    done = {shard["index"] for shard in manifest["shards"]}
-    _remove_orphans(out, done)
-    todo = [i for i in range(n_shards) if i not in done]
-    _check_space(out, todo, contexts, config, widths, per_context)
+    with store_lock(out, wait=config.wait):  # one writer at a time; readers never wait
+        manifest = _open_or_create(out, identity, config, contexts, model, per_context)
+        n_shards = math.ceil(len(contexts) / config.shard_contexts)
+        done = {shard["index"] for shard in manifest["shards"]}
+        _remove_orphans(out, done)
+        todo = [i for i in range(n_shards) if i not in done]
+        _check_space(out, todo, contexts, config, widths, per_context)
 
-    total = len(contexts) * per_context
-    bar = tqdm(total=total, initial=sum(s["rows"] for s in manifest["shards"]), unit="tok", unit_scale=True,
-               desc=f"harvest {out.name}", disable=not progress, smoothing=0.05)
-    for index in todo:
-        bar.set_postfix_str(f"shard {index + 1}/{n_shards}")
-        first, last = index * config.shard_contexts, min((index + 1) * config.shard_contexts, len(contexts))
-        arrays = _run_shard(model, contexts, first, last, sites, widths, config, skip, bar)
-        bar.set_postfix_str(f"writing shard {index + 1}/{n_shards}")
-        files = _write_shard(out, index, arrays, manifest)
-        manifest["shards"].append({"index": index, "contexts": [first, last], "rows": len(arrays["rows"]), "files": files})
-        manifest["shards"].sort(key=lambda s: s["index"])
+        total = len(contexts) * per_context
+        bar = tqdm(total=total, initial=sum(s["rows"] for s in manifest["shards"]), unit="tok", unit_scale=True,
+                   desc=f"harvest {out.name}", disable=not progress, smoothing=0.05)
+        for index in todo:
+            bar.set_postfix_str(f"shard {index + 1}/{n_shards}")
+            first, last = index * config.shard_contexts, min((index + 1) * config.shard_contexts, len(contexts))
+            arrays = _run_shard(model, contexts, first, last, sites, widths, config, skip, bar)
+            bar.set_postfix_str(f"writing shard {index + 1}/{n_shards}")
+            files = _write_shard(out, index, arrays, manifest)
+            manifest["shards"].append({"index": index, "contexts": [first, last], "rows": len(arrays["rows"]), "files": files})
+            manifest["shards"].sort(key=lambda s: s["index"])
+            fmt.write_manifest(out, manifest)
+        bar.close()
+        manifest["complete"] = True
         fmt.write_manifest(out, manifest)
-    bar.close()
-    manifest["complete"] = True
-    fmt.write_manifest(out, manifest)
     return ActivationStore(out)
 
 
@@ -128,8 +133,14 @@ def write_arrays(out: str | Path, arrays: dict[str, np.ndarray | torch.Tensor], 
         raise InputError("write_arrays needs 2-D arrays with the same number of rows")
     n = lengths.pop()
     _check_destination(out)
-    if (out / fmt.MANIFEST).exists():
-        raise InputError(f"{out} already holds a store")
+    with store_lock(out, wait=False):
+        if (out / fmt.MANIFEST).exists():
+            raise InputError(f"{out} already holds a store")
+        _write_all(out, tensors, n, source, dtype, rows_per_shard)
+    return ActivationStore(out)
+
+
+def _write_all(out: Path, tensors: dict[str, torch.Tensor], n: int, source: str, dtype: str, rows_per_shard: int) -> None:
     manifest = {
         "format": fmt.FORMAT, "version": fmt.VERSION, "identity": {"source": source},
         "model": {"name": source, "family": "external", "n_layers": 0, "d_model": 0, "dtype": dtype},
@@ -149,7 +160,13 @@ def write_arrays(out: str | Path, arrays: dict[str, np.ndarray | torch.Tensor], 
         fmt.write_manifest(out, manifest)
     manifest["complete"] = True
     fmt.write_manifest(out, manifest)
-    return ActivationStore(out)
+
+
+def store_lock(out: Path, *, wait: bool = True):
+    """The store's writer lock (``writer.lock`` inside it): harvests and ``write_arrays`` hold it while
+    they write; readers never take it. Orphan shards are removed only under it, so never a live
+    writer's."""
+    return file_lock(out / fmt.LOCK, what=f"the store {out}", wait=wait)
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
@@ -174,7 +191,7 @@ def _row_width(model: Any, site: str) -> int:
 def _check_destination(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / fmt.MANIFEST).exists():
+    if out.is_dir() and any(p.name != fmt.LOCK for p in out.iterdir()) and not (out / fmt.MANIFEST).exists():
         raise InputError(f"{out} is a non-empty folder without a store manifest; refusing to write into it")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -255,6 +272,7 @@ def _run_shard(model: Any, contexts: TokenContexts, first: int, last: int, sites
                 raise InputError(f"{site}: non-finite activation at context {start + bad // per_context}")
             arrays[site][lo:hi] = fmt.to_storage(act, config.dtype)
         bar.update(hi - lo)
+        fault_point("harvest.batch")
     return arrays
 
 
@@ -267,28 +285,21 @@ def _row_table(contexts: TokenContexts, first: int, last: int, skip: int) -> np.
 
 
 def _write_shard(out: Path, index: int, arrays: dict[str, np.ndarray], manifest: dict) -> dict[str, dict]:
-    """Write every array of one shard to a temp dir, fsync, rename into place; file records."""
-    final = fmt.shard_dir(out, index)
-    final.parent.mkdir(exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    """Write every array of one shard into a temporary folder renamed into place when whole; file records."""
+    files = {}
     try:
-        tmp.mkdir()
-        files = {}
-        for name, array in arrays.items():
-            filename = "rows.npy" if name == "rows" else fmt.site_file(name)
-            with open(tmp / filename, "wb") as handle:
-                np.save(handle, array, allow_pickle=False)
-                handle.flush()
-                os.fsync(handle.fileno())
-            files[filename] = {"bytes": (tmp / filename).stat().st_size, "sha256": fmt.sha256_file(tmp / filename)}
-        fmt.fsync_dir(tmp)
-        os.replace(tmp, final)
-        fmt.fsync_dir(final.parent)
+        with atomic_directory(fmt.shard_dir(out, index)) as tmp:
+            for name, array in arrays.items():
+                filename = "rows.npy" if name == "rows" else fmt.site_file(name)
+                with open(tmp / filename, "wb") as handle:
+                    np.save(handle, array, allow_pickle=False)
+                files[filename] = {"bytes": (tmp / filename).stat().st_size, "sha256": fmt.sha256_file(tmp / filename)}
+            fault_point("harvest.shard-written")
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         kept = sum(s["rows"] for s in manifest["shards"])
         raise InputError(
             f"writing shard {index} to {out} failed ({err.strerror or err}); the {len(manifest['shards'])} "
             f"complete shards ({kept:,} rows) are intact: fix the problem and run the same command to resume"
         ) from err
+    fault_point("harvest.shard-renamed")
     return files

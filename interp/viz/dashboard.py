@@ -8,6 +8,8 @@ from typing import Any
 
 import pandas as pd
 
+from interp.paths import write_text
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
@@ -50,9 +52,6 @@ def latent_section(latent: int, examples: pd.DataFrame, summary: dict[str, Any] 
 
 
 def write_dashboard(path: str | Path, sections: list[str], title: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = "\n".join(sections)
-    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+    return write_text(path, f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                     f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
-    return path

@@ -1,0 +1,122 @@
+"""Short-budget defaults: train TopK SAEs at several token budgets and schedules, same store, same
+held-out rows, and print FVU / dead / CE recovered / KL per layer and budget.
+
+    nice -n 10 python experiments/short_budget.py --store STORE --layers 6,12 --budgets 200k,400k,2M,10M \\
+        --variants old rule 'rule*2' 'rule*0.5'
+
+A variant is a schedule:
+  old          the defaults before the short-budget rule: lr 2e-4/sqrt(latents/16384), 50 warm-up steps, batch 4096
+  rule         the defaults now (interp.dictionary.schedule: batch, lr and warm-up from the budget and width)
+  rule*F       the rule with its learning rate times F
+  lr=X         the rule's batch size and warm-up with learning rate X (also batch=N, warmup=N; comma-joined)
+
+STORE must hold blocks.{L}.hook_resid_post for every layer; its last --eval-tokens rows are the
+held-out rows of every run. Each run writes runs/short_budget/L{layer}/{budget}/{variant}/ and is
+skipped when its metrics.json exists, so the script can be stopped and started again. The table
+goes to runs/short_budget/table-<layers>.md and results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[1] / "runs" / "short_budget"
+METRICS = ("fvu", "fvu_inliers", "dead_fraction", "ce_recovered", "kl", "l0")
+
+
+def variant_settings(variant: str, tokens: int, latents: int) -> dict:
+    """Explicit TrainConfig settings (batch_size, lr, warmup_steps) for a variant name."""
+    from interp.dictionary.schedule import long_run_lr, resolve_schedule
+
+    if variant == "old":
+        return {"batch_size": 4096, "lr": long_run_lr(latents), "warmup_steps": 50}
+    if variant == "rule":
+        return {}
+    if variant.startswith("rule*"):
+        return {"lr": resolve_schedule(tokens, latents).lr * float(variant[5:])}
+    settings = {}
+    for part in variant.split(","):
+        key, _, value = part.partition("=")
+        if key not in ("lr", "batch", "warmup") or not value:
+            raise SystemExit(f"variant {variant!r}: expected old, rule, rule*F or lr=X[,batch=N][,warmup=N]")
+        settings[{"lr": "lr", "batch": "batch_size", "warmup": "warmup_steps"}[key]] = float(value) if key == "lr" else int(value)
+    return settings
+
+
+def run_one(model, store: Path, layer: int, tokens: int, variant: str, args) -> dict:
+    from interp.config import parse_count
+    from interp.dictionary import TrainConfig, train
+
+    out = RESULTS / f"L{layer}" / f"{args.label_of[tokens]}" / variant.replace("*", "x").replace("=", "").replace(",", "_")
+    done = out / "metrics.json"
+    if not done.exists():
+        settings = variant_settings(variant, tokens, args.latents)
+        config = TrainConfig(model="smollm2-135m", layer=layer, site="resid_post", k=str(args.k), latents=args.latents,
+                             tokens=parse_count(tokens), store=store, out=out, eval_tokens=args.eval_tokens,
+                             eval_contexts=args.eval_contexts, checkpoint_every=10**9, **settings)
+        if (out / "checkpoints").exists():
+            config.resume = True
+        print(f"L{layer} {args.label_of[tokens]} {variant}: training", flush=True)
+        train(config, model=model, progress=False)
+    metrics = next(iter(json.loads(done.read_text()).values()))
+    meta = json.loads((out / "config.json").read_text())["resolved"]
+    return {**{k: metrics[k] for k in METRICS}, "lr": meta["lr"], "batch_size": meta["batch_size"],
+            "warmup_steps": meta["warmup_steps"], "steps": meta["steps"], "train_seconds": metrics["train_seconds"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--layers", default="6,12")
+    parser.add_argument("--budgets", default="200k,400k,2M,10M")
+    parser.add_argument("--variants", nargs="+", default=["old", "rule"])
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--latents", type=int, default=8192)
+    parser.add_argument("--eval-tokens", type=int, default=65_536)
+    parser.add_argument("--eval-contexts", type=int, default=32)
+    args = parser.parse_args()
+
+    import interp
+    from interp.config import parse_count
+
+    labels = [b.strip() for b in args.budgets.split(",")]
+    args.label_of = {parse_count(b): b for b in labels}
+    layers = [int(v) for v in args.layers.split(",")]
+    variants = args.variants
+    model = interp.load_model("smollm2-135m")
+    results = {}
+    for tokens in args.label_of:
+        for layer in layers:
+            for variant in variants:
+                results[f"L{layer}/{args.label_of[tokens]}/{variant}"] = run_one(model, args.store, layer, tokens, variant, args)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "results.json"
+    everything = json.loads(path.read_text()) if path.exists() else {}
+    everything.update(results)
+    path.write_text(json.dumps(everything, indent=1))
+    table = format_table(results, layers, labels, variants)
+    print(table)
+    (RESULTS / f"table-L{'-'.join(map(str, layers))}.md").write_text(table + "\n")
+
+
+def format_table(results: dict, layers: list[int], budgets: list[str], variants: list[str]) -> str:
+    lines = ["| layer | tokens | schedule | batch x steps | lr | warm-up | FVU | FVU inliers | dead | CE recovered | KL | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for layer in layers:
+        for budget in budgets:
+            rows = {v: results[f"L{layer}/{budget}/{v}"] for v in variants}
+            best = min(r["fvu"] for r in rows.values())
+            for variant, r in rows.items():
+                mark = " (best)" if r["fvu"] == best and len(rows) > 1 else ""
+                lines.append(f"| {layer} | {budget} | {variant} | {r['batch_size']} x {r['steps']} | {r['lr']:.3g} | {r['warmup_steps']} "
+                             f"| {r['fvu']:.4f}{mark} | {r['fvu_inliers']:.4f} | {r['dead_fraction']:.1%} | {r['ce_recovered']:.4f} "
+                             f"| {r['kl']:.3f} | {r['train_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()

@@ -1,0 +1,76 @@
+"""Training checkpoints: versioned folders named by an atomically replaced pointer file.
+
+```
+RUN/
+  checkpoint.json                 {"format": "interp-checkpoint", "step": 12, "folder": "checkpoints/step-00000012"}
+  checkpoints/step-00000012/      <dictionary>.safetensors (weights, Adam state, since_fired) + state.json
+```
+
+Saving writes the new version under a temporary name (every file and the folder flushed to disk),
+renames it into place, replaces the pointer (write, flush, rename, flush the folder) and only then
+deletes older versions. Whenever the process dies, the pointer names a complete version, the old
+one or the new one, and ``--resume`` continues from it. What a crash leaves behind (a temporary
+folder, a version the pointer does not name) is deleted by the next save; the caller holds the
+run's lock, so no live writer's files are touched.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from interp.errors import InputError
+from interp.faults import fault_point
+from interp.paths import atomic_directory, write_json
+
+POINTER = "checkpoint.json"
+VERSIONS = "checkpoints"
+FORMAT = "interp-checkpoint"
+
+
+def exists(run: Path) -> bool:
+    """Whether ``run`` holds (or has begun) a checkpointed run."""
+    return (run / POINTER).exists() or (run / VERSIONS).exists()
+
+
+def save(run: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> Path:
+    """Write one version ({file stem: tensors} + state.json) and make it the current checkpoint."""
+    versions = run / VERSIONS
+    folder = versions / f"step-{step:08d}"
+    if folder.exists():  # left by a crash before its pointer was written (never the current one)
+        shutil.rmtree(folder)
+    with atomic_directory(folder) as tmp:
+        for name, values in tensors.items():
+            save_file(values, str(tmp / f"{name}.safetensors"))
+            fault_point("checkpoint.file-written")
+        (tmp / "state.json").write_text(json.dumps(state))
+        fault_point("checkpoint.files-written")
+    fault_point("checkpoint.renamed")
+    write_json(run / POINTER, {"format": FORMAT, "step": step, "folder": f"{VERSIONS}/{folder.name}"})
+    fault_point("checkpoint.pointer-replaced")
+    for old in sorted(versions.iterdir()):
+        if old != folder:
+            shutil.rmtree(old)
+            fault_point("checkpoint.old-removed")
+    return folder
+
+
+def load(run: Path) -> tuple[Path, dict[str, Any]]:
+    """The current version's folder and its state.json."""
+    pointer = run / POINTER
+    if not pointer.is_file():
+        raise InputError(f"--resume: {run} holds no checkpoint ({POINTER} is missing)")
+    record = json.loads(pointer.read_text())
+    if record.get("format") != FORMAT:
+        raise InputError(f"{pointer} is not an interp checkpoint pointer")
+    folder = run / record["folder"]
+    return folder, json.loads((folder / "state.json").read_text())
+
+
+def load_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / f"{name}.safetensors"))

@@ -1,0 +1,74 @@
+"""The training schedule: batch size, learning rate and warm-up chosen from the token budget and
+the width, unless given explicitly. The rule (README, "Short budgets"; constants chosen on
+development layers, checked on others):
+
+- batch size: the power of two nearest to ``tokens / TARGET_STEPS``, within
+  [``MIN_BATCH``, ``MAX_BATCH``]: a short budget gets more, smaller steps;
+- learning rate: ``2e-4 / sqrt(latents / 16384)`` (the long-run rule, after OpenAI's TopK SAE
+  scaling) times ``sqrt(LONG_RUN_STEPS / steps)`` when a run has fewer steps than
+  ``LONG_RUN_STEPS``: fewer steps need larger ones; runs of ``LONG_RUN_STEPS`` or more keep
+  the long-run rate;
+- warm-up: ``steps / WARMUP_DIVISOR`` steps, at most ``MAX_WARMUP``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from interp.errors import InputError
+
+TARGET_STEPS = 1000
+MIN_BATCH, MAX_BATCH = 1024, 4096
+LONG_RUN_STEPS = 2000
+WARMUP_DIVISOR = 20
+MAX_WARMUP = 50
+
+
+@dataclass
+class Schedule:
+    batch_size: int
+    steps: int
+    lr: float
+    warmup_steps: int
+    rule: dict[str, str]  # per setting: how it was chosen
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (f"batch {self.batch_size} x {self.steps} steps ({self.rule['batch_size']}), lr {self.lr:.3g} ({self.rule['lr']}), "
+                f"warm-up {self.warmup_steps} steps ({self.rule['warmup_steps']})")
+
+
+def long_run_lr(latents: int) -> float:
+    return 2e-4 / math.sqrt(latents / 2**14)
+
+
+def resolve_schedule(tokens: int, latents: int, *, batch_size: int = 0, lr: float = 0.0, warmup_steps: int = -1) -> Schedule:
+    """The schedule for ``tokens`` training tokens and ``latents`` latents; explicit settings
+    (``batch_size`` > 0, ``lr`` > 0, ``warmup_steps`` >= 0) override the rule."""
+    if batch_size < 0 or lr < 0 or warmup_steps < -1:
+        raise InputError(f"batch_size={batch_size}, lr={lr}, warmup_steps={warmup_steps}: give positive values "
+                         "(0 for batch_size and lr, -1 for warmup_steps: choose by the rule)")
+    rule = {}
+    if batch_size:
+        rule["batch_size"] = "given"
+    else:
+        nearest = 2 ** round(math.log2(max(tokens / TARGET_STEPS, 1)))
+        batch_size = min(MAX_BATCH, max(MIN_BATCH, nearest))
+        rule["batch_size"] = f"rule: power of 2 nearest tokens/{TARGET_STEPS}, within {MIN_BATCH}..{MAX_BATCH}"
+    steps = tokens // batch_size
+    if steps < 1:
+        raise InputError(f"tokens={tokens:,} is less than one batch of {batch_size}")
+    if lr:
+        rule["lr"] = "given"
+    else:
+        lr = long_run_lr(latents) * math.sqrt(max(1.0, LONG_RUN_STEPS / steps))
+        rule["lr"] = f"rule: 2e-4/sqrt(latents/16384) x sqrt(max(1, {LONG_RUN_STEPS}/steps))"
+    if warmup_steps >= 0:
+        rule["warmup_steps"] = "given"
+    else:
+        warmup_steps = min(MAX_WARMUP, max(1, steps // WARMUP_DIVISOR))
+        rule["warmup_steps"] = f"rule: steps/{WARMUP_DIVISOR}, at most {MAX_WARMUP}"
+    return Schedule(batch_size=batch_size, steps=steps, lr=lr, warmup_steps=warmup_steps, rule=rule)

@@ -1,0 +1,63 @@
+"""A keyed pseudo-random permutation of ``range(n)``, computed position by position.
+
+Shuffling an epoch of a billion rows with ``rng.permutation`` needs an 8 GB index array. Here the
+row at epoch position ``i`` is ``RowPermutation(n, key)[i]``, computed on demand for just the
+positions of one batch, so memory and start-up time do not depend on ``n``.
+
+Construction: a Feistel network over the square domain ``m x m`` (``m = ceil(sqrt(n))``): a
+position ``x`` is split into ``(x // m, x % m)`` and each round maps ``(L, R) -> (R, (L + F(R)) mod
+m)``, which is a bijection whatever the round function ``F`` (a keyed multiplicative hash here).
+Six rounds of it are a bijection of ``[0, m^2)``; positions that land in ``[n, m^2)`` (fewer than
+``2 sqrt(n)`` of them) are mapped again until they land below ``n`` ("cycle walking"), which keeps
+it a bijection of ``[0, n)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+ROUNDS = 6
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier (2^64 / golden ratio)
+_HIGH = np.uint64(32)
+
+
+class RowPermutation:
+    """A bijection of ``[0, n)`` drawn from ``key`` (any sequence of ints, e.g. ``[seed, epoch]``)."""
+
+    def __init__(self, n: int, key: list[int] | tuple[int, ...]):
+        if n < 1:
+            raise ValueError(f"n must be positive, got {n}")
+        self.n = n
+        self.m = max(1, math.isqrt(n - 1) + 1)  # m^2 >= n
+        if self.m >= 2**32:
+            raise ValueError(f"n={n} is too large (at most {2**64 - 1} rows)")
+        self.keys = np.random.default_rng(list(key)).integers(0, 2**63, ROUNDS, dtype=np.uint64)
+
+    def __getitem__(self, positions: np.ndarray | slice) -> np.ndarray:
+        """The rows (int64) at epoch ``positions`` (an int array or a slice of ``range(n)``)."""
+        if isinstance(positions, slice):
+            start, stop, step = positions.indices(self.n)
+            positions = np.arange(start, stop, step, dtype=np.uint64)
+        x = np.asarray(positions).astype(np.uint64)
+        if x.size and int(x.max()) >= self.n:
+            raise IndexError(f"positions must be below {self.n}")
+        y = self._rounds(x)
+        outside = np.flatnonzero(y >= self.n)
+        while outside.size:  # cycle walking: at most a few steps, on a handful of positions
+            y[outside] = self._rounds(y[outside])
+            outside = outside[y[outside] >= self.n]
+        return y.astype(np.int64)
+
+    def _rounds(self, x: np.ndarray) -> np.ndarray:
+        m = np.uint64(self.m)
+        left, right = np.divmod(x, m)
+        with np.errstate(over="ignore"):  # the hash multiplies modulo 2^64 on purpose
+            for key in self.keys:
+                # F(R): high 32 bits of a keyed multiplicative hash, scaled onto [0, m) without a division
+                f = ((((right + key) * _GOLDEN) >> _HIGH) * m) >> _HIGH
+                total = left + f
+                total -= m * (total >= m)
+                left, right = right, total
+            return left * m + right
