@@ -25,6 +25,8 @@ from interp.errors import InputError, InterpError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="interp: a mechanistic-interpretability workbench")
 store_app = typer.Typer(no_args_is_help=True, help="Inspect and check activation stores.")
 app.add_typer(store_app, name="store")
+experiment_app = typer.Typer(no_args_is_help=True, help="Run experiment files (experiments/*.toml) into results folders.")
+app.add_typer(experiment_app, name="experiment")
 C = TypeVar("C")
 
 
@@ -306,6 +308,40 @@ def patch_cmd(config: PatchConfig) -> None:
     top = result.table.reindex(result.table.score.abs().sort_values(ascending=False).index).head(10)
     typer.echo(top[["kind", "layer", "position", "head", "score"]].to_string(index=False))
     typer.echo(f"{len(result.table)} cells in {result.seconds:.1f} s; wrote {config.out}/cells.csv and heatmap.html")
+
+
+@dataclass
+class ExperimentRunConfig:
+    file: Path = opt(help="an experiment file, e.g. experiments/sae_pareto.toml", argument=True)
+    smoke: bool = opt(False, "use the file's [smoke] sizes: a quick check that everything runs (what CI does)")
+    out: Path | None = opt(None, "results folder (default: runs/experiments/<file name>[-smoke])")
+
+
+@command(ExperimentRunConfig, "run", experiment_app)
+def experiment_run_cmd(config: ExperimentRunConfig) -> None:
+    """Run one experiment file: writes config.json, metrics.json and figures (HTML + PNG) to its results folder."""
+    from interp.experiments import run_experiment
+
+    out = run_experiment(config.file, smoke=config.smoke, out=config.out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name, problem in metrics.get("png_problems", {}).items():
+        typer.secho(f"warning: {name}.png not written: {problem}", fg="yellow", err=True)
+    typer.echo(f"wrote {out}/config.json, metrics.json and figures/")
+
+
+@dataclass
+class ExperimentListConfig:
+    pass
+
+
+@command(ExperimentListConfig, "kinds", experiment_app)
+def experiment_kinds_cmd(_config: ExperimentListConfig) -> None:
+    """List the registered experiment kinds and their parameters."""
+    from interp.experiments import kinds
+
+    for kind in kinds().values():
+        names = ", ".join(f.name for f in dataclasses.fields(kind.params))
+        typer.echo(f"{kind.name:22s} {kind.doc.splitlines()[0] if kind.doc else ''}\n{'':22s} params: {names}")
 
 
 def main() -> None:

@@ -29,8 +29,11 @@ class PatchingResult:
         if rows.empty:
             raise KeyError(f"no cells of kind {kind!r}; kinds here: {sorted(self.table.kind.unique())}")
         axis = "head" if (rows["position"] == -1).all() and (rows["head"] >= 0).any() else "position"
-        out = np.full((rows["layer"].max() + 1, rows[axis].max() + 1), np.nan)
-        out[rows["layer"].to_numpy(), rows[axis].to_numpy()] = rows[column].to_numpy()
+        index = rows[axis].to_numpy()
+        if (index == -1).all():  # per_position=False: one cell per layer, every position at once
+            index = np.zeros_like(index)
+        out = np.full((rows["layer"].max() + 1, index.max() + 1), np.nan)
+        out[rows["layer"].to_numpy(), index] = rows[column].to_numpy()
         return out
 
     def correlation(self, other: PatchingResult, kind: str) -> float:
@@ -51,8 +54,10 @@ class PatchingResult:
         limit = float(np.nanmax(np.abs(self.table.score.to_numpy()))) or 1.0
         for i, kind in enumerate(kinds, start=1):
             grid = self.grid(kind)
-            by_head = (self.table[self.table.kind == kind].position == -1).all()
-            x = [f"H{h}" for h in range(grid.shape[1])] if by_head else self.position_labels[: grid.shape[1]]
+            cells = self.table[self.table.kind == kind]
+            all_positions = (cells.position == -1).all()
+            by_head = all_positions and (cells["head"] >= 0).any()
+            x = [f"H{h}" for h in range(grid.shape[1])] if by_head else ["all"] if all_positions else self.position_labels[: grid.shape[1]]
             fig.add_trace(go.Heatmap(z=grid, x=x, y=list(range(grid.shape[0])), zmin=-limit, zmax=limit,
                                      colorscale="RdBu", reversescale=True, showscale=i == len(kinds)), row=1, col=i)
         fig.update_yaxes(title_text="layer", row=1, col=1)
