@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from interp.config import opt, write_config
+from interp.config import opt, parse_count, write_config
 from interp.errors import InputError, InterpError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="interp: a mechanistic-interpretability workbench")
@@ -238,33 +238,54 @@ class FeaturesConfig:
 
 @command(FeaturesConfig, "features")
 def features_cmd(config: FeaturesConfig) -> None:
-    """Top-activating examples of latents: a table per latent here, and a static HTML page."""
+    """Top-activating examples of a few latents: a table per latent here, and a dashboard page for them."""
     import pandas as pd
 
-    from interp.dictionary.features import latent_examples, latent_summary, top_activations
+    from interp.dictionary.features import DictionaryFeatures, decoded_tokens, scan_features
     from interp.dictionary.io import load_dictionary, read_meta
     from interp.models import load_model
     from interp.store import ActivationStore
-    from interp.viz import latent_section, write_dashboard
+    from interp.viz.dashboard import dashboard_data, write_page
 
     meta = read_meta(config.dictionary)
-    dictionary = load_dictionary(config.dictionary)
+    source = DictionaryFeatures(load_dictionary(config.dictionary), name=config.dictionary.name)
     store = ActivationStore(meta["store"])
-    model = load_model(dictionary.config.model)
+    model = load_model(source.model or store.manifest["model"]["name"])
     latents = [int(v) for v in config.latents.split(",") if v.strip()]
     rows = None if config.all_rows else tuple(meta["held_out_rows"])
-    top = top_activations(dictionary, store, latents, n=config.n, rows=rows)
-    sections = []
-    for latent in latents:
-        examples = latent_examples(dictionary, store, model.tokenizer, latent, top=top)
-        summary = latent_summary(dictionary, latent, model)
-        typer.echo(f"\nlatent {latent}" + (f"  promotes {summary['promotes'][:5]}" if "promotes" in summary else ""))
+    scan = scan_features(source, store, rows=rows, n=config.n, latents=latents)
+    decoded = decoded_tokens(model, source.output_directions()[scan.latent_ids])
+    for latent in scan.latent_ids.tolist():
+        examples = scan.examples(latent, model.tokenizer)
+        i = scan.index_of(latent)
+        promotes = "" if decoded is None else f"  promotes {[model.to_string([t]) for t in decoded['promoted'][i][:5]]}"
+        typer.echo(f"\nlatent {latent}  density {scan.density[i]:.2%}{promotes}")
         if not examples.empty:
             with pd.option_context("display.width", 160, "display.max_colwidth", 60):
                 typer.echo(examples[["activation", "left", "token", "right"]].to_string(index=False))
-        sections.append(latent_section(latent, examples, summary))
-    page = write_dashboard(config.out or config.dictionary / "features.html", sections, f"{config.dictionary.name}: top activations")
+    data = dashboard_data(source, scan, model.tokenizer, decoded, store=store, left=24, right=8)
+    page = write_page(config.out or config.dictionary / "features.html", data)
     typer.echo(f"\nwrote {page}")
+
+
+@dataclass
+class DashboardConfig:
+    dictionary: Path = opt(help="a dictionary folder, or a training run's folder (one page per dictionary in it)", argument=True)
+    store: Path | None = opt(None, "activation store to read (default: the one the dictionary was trained on)")
+    out: Path = opt(Path("runs/dashboard"), "folder for the pages (<dictionary name>.html; index.html for several)")
+    tokens: int | None = opt(200_000, "store rows to read: the last N (where training keeps its held-out rows); "
+                                      "0 = the dictionary's held-out rows", parse=parse_count)
+    n: int = opt(20, "top-activating contexts per latent")
+
+
+@command(DashboardConfig, "dashboard")
+def dashboard_cmd(config: DashboardConfig) -> None:
+    """Feature dashboard: a static HTML page per dictionary (density, histograms, top contexts, decoded tokens, search)."""
+    from interp.viz.dashboard import dashboard_from_folder
+
+    pages = dashboard_from_folder(config.dictionary, config.out, store=config.store, tokens=config.tokens or None, n=config.n)
+    for page in pages:
+        typer.echo(f"wrote {page} ({page.stat().st_size / 1e6:.1f} MB)")
 
 
 @dataclass
