@@ -121,10 +121,10 @@ def _b64(array: np.ndarray, dtype: str) -> str:
 
 
 def write_page(path: str | Path, data: dict[str, Any]) -> Path:
-    """The page: PAGE with the title and the data inlined (``</`` escaped so no string ends the script)."""
+    """The page: PAGE with the title and the data inlined (every ``<`` escaped, so no string can end the script)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False).replace("</", "<\\/").replace("<!--", "<\\!--")
+    payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False).replace("<", "\\u003c")
     title = f"{data['meta']['name']}: feature dashboard"
     page = PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", payload)
     tmp = path.with_name(f".{path.name}.tmp")
