@@ -10,6 +10,7 @@ patching -> RelP).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,9 +42,13 @@ def run(params: PatchingCorrelationParams, results: Results) -> dict[str, Any]:
     if DEFAULT_RULES not in params.rule_sets:
         raise InputError(f"rule_sets must include the default {DEFAULT_RULES!r} (its heatmap and disagreements are reported)")
     rules = {name: Rules.parse(name) for name in params.rule_sets}  # bad rule names fail before any work
-    model = interp.load_model(params.model)
+    model = interp.load_model(params.model)  # per template: t<N>/ holds its cell tables and correlations.json
     per_template: dict[str, Any] = {}
     for template in params.templates:
+        done = results.root / f"t{template}" / "correlations.json"
+        if done.exists():  # finished in an earlier, interrupted run of this experiment
+            per_template[str(template)] = json.loads(done.read_text())
+            continue
         task = ioi_task(model, params.prompts, template=template, seed=params.seed)
         print(task.summary())
         common = dict(per_position=params.per_position)
@@ -57,12 +62,13 @@ def run(params: PatchingCorrelationParams, results: Results) -> dict[str, Any]:
                  "seconds": {**{n: r.seconds for n, r in methods.items()}, "activation patching": reference.seconds}}
         if params.per_position and "resid_pre" in params.kinds:
             entry["resid_pre_disagreement"] = disagreement(reference, relp, task.position_labels(model))
-        per_template[str(template)] = entry
         _print_template(template, entry, params.kinds)
         for name, result in (("activation", reference), ("attribution", methods["attribution patching"]), ("relp", relp)):
             result.table.to_csv(results.path(f"t{template}", f"{name}.csv"), index=False)
             if template == params.templates[0]:
                 results.figure(f"heatmap_{name}_t{template}", result.heatmap())
+        results.write_json(f"t{template}/correlations.json", entry)
+        per_template[str(template)] = entry
 
     summary = {name: {kind: _mean([per_template[str(t)]["correlations"][name][kind] for t in params.templates])
                       for kind in params.kinds} for name in next(iter(per_template.values()))["correlations"]}
