@@ -48,7 +48,7 @@ def run(params: BenchmarkParams, results: Results) -> dict[str, Any]:
     tables = list(ratio_tables(raw))
     if not tables:
         raise InputError(f"{params.script} wrote no ratio table (title, baseline, rows) into its JSON")
-    results.figure("ratios", ratio_figure(tables, params.script), height=max(320, 170 * len(tables)))
+    results.figure("ratios", ratio_figure(tables, params.script))
     summary = [{"title": t["title"], "baseline": t["baseline"],
                 "rows": [{"case": r["case"], "median_s": r["median_s"], "ratio": r["ratio"]} for r in t["rows"]]} for t in tables]
     return {"script": params.script, "command": " ".join(command[1:]), "tables": summary, "raw": raw}
@@ -73,12 +73,14 @@ def ratio_figure(tables: list[dict[str, Any]], script: str) -> Any:
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=len(tables), cols=1, subplot_titles=[f"{t['title']} (baseline: {t['baseline']})" for t in tables],
-                        vertical_spacing=0.5 / len(tables))
+                        vertical_spacing=0.45 / len(tables))
     for i, table in enumerate(tables, start=1):
         cases = [r["case"] for r in table["rows"]][::-1]
         ratios = [r["ratio"] for r in table["rows"]][::-1]
-        fig.add_trace(go.Bar(x=ratios, y=cases, orientation="h", text=[f"{r:.2f}x" for r in ratios], textposition="auto",
-                             showlegend=False), row=i, col=1)
-        fig.update_xaxes(title_text="time / baseline time (lower is faster)", type="log", row=i, col=1)
-    fig.update_layout(title=f"{script}: ratios to a baseline timed in the same run", margin={"l": 260})
+        fig.add_trace(go.Bar(x=ratios, y=cases, orientation="h", text=[f"{r:.2f}x" for r in ratios], textposition="outside",
+                             marker_color="#4c78a8", showlegend=False, cliponaxis=False), row=i, col=1)
+        fig.update_xaxes(type="log", row=i, col=1)
+    fig.update_xaxes(title_text="time / baseline time (log scale; lower is faster)", row=len(tables), col=1)
+    fig.update_layout(title=f"{script}: ratios to a baseline timed in the same run", margin={"l": 260, "r": 60},
+                      height=120 + 220 * len(tables))
     return fig
