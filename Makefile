@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: setup run test clean-venv
+.PHONY: setup run test browser clean-venv
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,17 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Debian's chromium + chromedriver: the dashboard's browser test and PNG figures (kaleido) use them.
+# Best effort: without root or apt-get the browser test is skipped and figures are written as HTML only.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then echo "chromium: $$(chromium --version 2>/dev/null)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null 2>&1; } || \
+	  echo "could not install chromium: the browser test will be skipped"; \
+	else echo "chromium not installed and no root apt-get: the browser test will be skipped"; fi
 
 clean-venv:
 	rm -rf $(VENV)

@@ -18,13 +18,15 @@ from typing import Any, TypeVar
 
 import typer
 
-from interp.config import opt, write_config
+from interp.config import opt, parse_count, write_config
 from interp.errors import InputError, InterpError
 from interp.paths import atomic_write, write_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="interp: a mechanistic-interpretability workbench")
 store_app = typer.Typer(no_args_is_help=True, help="Inspect and check activation stores.")
 app.add_typer(store_app, name="store")
+experiment_app = typer.Typer(no_args_is_help=True, help="Run experiment files (experiments/*.toml) into results folders.")
+app.add_typer(experiment_app, name="experiment")
 C = TypeVar("C")
 
 
@@ -244,33 +246,54 @@ class FeaturesConfig:
 
 @command(FeaturesConfig, "features")
 def features_cmd(config: FeaturesConfig) -> None:
-    """Top-activating examples of latents: a table per latent here, and a static HTML page."""
+    """Top-activating examples of a few latents: a table per latent here, and a dashboard page for them."""
     import pandas as pd
 
-    from interp.dictionary.features import latent_examples, latent_summary, top_activations
+    from interp.dictionary.features import DictionaryFeatures, decoded_tokens, scan_features
     from interp.dictionary.io import load_dictionary, read_meta
     from interp.models import load_model
     from interp.store import ActivationStore
-    from interp.viz import latent_section, write_dashboard
+    from interp.viz.dashboard import dashboard_data, write_page
 
     meta = read_meta(config.dictionary)
-    dictionary = load_dictionary(config.dictionary)
+    source = DictionaryFeatures(load_dictionary(config.dictionary), name=config.dictionary.name)
     store = ActivationStore(meta["store"])
-    model = load_model(dictionary.config.model)
+    model = load_model(source.model or store.manifest["model"]["name"])
     latents = [int(v) for v in config.latents.split(",") if v.strip()]
     rows = None if config.all_rows else tuple(meta["held_out_rows"])
-    top = top_activations(dictionary, store, latents, n=config.n, rows=rows)
-    sections = []
-    for latent in latents:
-        examples = latent_examples(dictionary, store, model.tokenizer, latent, top=top)
-        summary = latent_summary(dictionary, latent, model)
-        typer.echo(f"\nlatent {latent}" + (f"  promotes {summary['promotes'][:5]}" if "promotes" in summary else ""))
+    scan = scan_features(source, store, rows=rows, n=config.n, latents=latents)
+    decoded = decoded_tokens(model, source.output_directions()[scan.latent_ids])
+    for latent in scan.latent_ids.tolist():
+        examples = scan.examples(latent, model.tokenizer)
+        i = scan.index_of(latent)
+        promotes = "" if decoded is None else f"  promotes {[model.to_string([t]) for t in decoded['promoted'][i][:5]]}"
+        typer.echo(f"\nlatent {latent}  density {scan.density[i]:.2%}{promotes}")
         if not examples.empty:
             with pd.option_context("display.width", 160, "display.max_colwidth", 60):
                 typer.echo(examples[["activation", "left", "token", "right"]].to_string(index=False))
-        sections.append(latent_section(latent, examples, summary))
-    page = write_dashboard(config.out or config.dictionary / "features.html", sections, f"{config.dictionary.name}: top activations")
+    data = dashboard_data(source, scan, model.tokenizer, decoded, store=store, left=24, right=8)
+    page = write_page(config.out or config.dictionary / "features.html", data)
     typer.echo(f"\nwrote {page}")
+
+
+@dataclass
+class DashboardConfig:
+    dictionary: Path = opt(help="a dictionary folder, or a training run's folder (one page per dictionary in it)", argument=True)
+    store: Path | None = opt(None, "activation store to read (default: the one the dictionary was trained on)")
+    out: Path = opt(Path("runs/dashboard"), "folder for the pages (<dictionary name>.html; index.html for several)")
+    tokens: int | None = opt(200_000, "store rows to read: the last N (where training keeps its held-out rows); "
+                                      "0 = the dictionary's held-out rows", parse=parse_count)
+    n: int = opt(20, "top-activating contexts per latent")
+
+
+@command(DashboardConfig, "dashboard")
+def dashboard_cmd(config: DashboardConfig) -> None:
+    """Feature dashboard: a static HTML page per dictionary (density, histograms, top contexts, decoded tokens, search)."""
+    from interp.viz.dashboard import dashboard_from_folder
+
+    pages = dashboard_from_folder(config.dictionary, config.out, store=config.store, tokens=config.tokens or None, n=config.n)
+    for page in pages:
+        typer.echo(f"wrote {page} ({page.stat().st_size / 1e6:.1f} MB)")
 
 
 @dataclass
@@ -315,6 +338,40 @@ def patch_cmd(config: PatchConfig) -> None:
     top = result.table.reindex(result.table.score.abs().sort_values(ascending=False).index).head(10)
     typer.echo(top[["kind", "layer", "position", "head", "score"]].to_string(index=False))
     typer.echo(f"{len(result.table)} cells in {result.seconds:.1f} s; wrote {config.out}/cells.csv and heatmap.html")
+
+
+@dataclass
+class ExperimentRunConfig:
+    file: Path = opt(help="an experiment file, e.g. experiments/sae_pareto.toml", argument=True)
+    smoke: bool = opt(False, "use the file's [smoke] sizes: a quick check that everything runs (what CI does)")
+    out: Path | None = opt(None, "results folder (default: runs/experiments/<file name>[-smoke])")
+
+
+@command(ExperimentRunConfig, "run", experiment_app)
+def experiment_run_cmd(config: ExperimentRunConfig) -> None:
+    """Run one experiment file: writes config.json, metrics.json and figures (HTML + PNG) to its results folder."""
+    from interp.experiments import run_experiment
+
+    out = run_experiment(config.file, smoke=config.smoke, out=config.out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name, problem in metrics.get("png_problems", {}).items():
+        typer.secho(f"warning: {name}.png not written: {problem}", fg="yellow", err=True)
+    typer.echo(f"wrote {out}/config.json, metrics.json and figures/")
+
+
+@dataclass
+class ExperimentListConfig:
+    pass
+
+
+@command(ExperimentListConfig, "kinds", experiment_app)
+def experiment_kinds_cmd(_config: ExperimentListConfig) -> None:
+    """List the registered experiment kinds and their parameters."""
+    from interp.experiments import kinds
+
+    for kind in kinds().values():
+        names = ", ".join(f.name for f in dataclasses.fields(kind.params))
+        typer.echo(f"{kind.name:22s} {kind.doc.splitlines()[0] if kind.doc else ''}\n{'':22s} params: {names}")
 
 
 def main() -> None:

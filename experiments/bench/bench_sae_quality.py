@@ -16,69 +16,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import time
 import warnings
 from pathlib import Path
 
-import torch
-
 warnings.filterwarnings("ignore")
-# sparsify picks a Triton decoder whenever triton is installed, CUDA or not; on a CPU use its eager one.
-os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "0" if torch.cuda.is_available() else "1")
 RESULTS = Path(__file__).resolve().parents[2] / "runs" / "bench"
 
 
 def sparsify_run(trainer, k: int) -> dict:
-    """sparsify's SparseCoder trained on exactly the batches interp's trainer reads."""
-    from sparsify import SparseCoder, SparseCoderConfig
-
+    """sparsify trained on exactly the batches interp's trainer reads, scored on the held-out rows."""
     from interp.dictionary.metrics import reconstruction_metrics
+    from interp.experiments.sparsify_baseline import train_sparsify
 
-    store, c = trainer.store, trainer.config
-    d = store.d(trainer.in_site)
-    sae = SparseCoder(d, SparseCoderConfig(num_latents=c.latents, k=k))
-    opt = torch.optim.Adam(sae.parameters(), lr=trainer.lr)
-    since = torch.zeros(c.latents, dtype=torch.long)
-    loader = store.batches(trainer.in_site, trainer.batch_size, shuffle=True, seed=c.seed, rows=trainer.train_rows, drop_last=True)
-    batches = iter(loader)
-    start = time.perf_counter()
-    for step in range(trainer.steps):
-        try:
-            x = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            x = next(batches)
-        for group in opt.param_groups:
-            group["lr"] = trainer.lr_at(step)
-        sae.set_decoder_norm_to_unit_norm()
-        out = sae(x, dead_mask=since > 10_000_000)
-        (out.fvu + out.auxk_loss / 32).backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        opt.zero_grad()
-        since += x.shape[0]
-        since[out.latent_indices.flatten()] = 0
-    seconds = time.perf_counter() - start
-    dictionary = _as_dictionary(sae, trainer, k)
-    held_out = (trainer.train_rows[1], store.n_rows)
-    metrics = reconstruction_metrics(dictionary, store, held_out)
-    metrics["dead_fraction"] = float((since >= trainer.steps * trainer.batch_size).double().mean())
-    metrics["train_seconds"] = seconds
-    return metrics
-
-
-def _as_dictionary(sae, trainer, k: int):
-    """sparsify's weights in a SparseDictionary (same function: it subtracts b_dec before encoding too)."""
-    from interp.dictionary import DictionaryConfig, SparseDictionary
-
-    d = SparseDictionary(DictionaryConfig(d_in=sae.d_in, n_latents=sae.num_latents, k=k, input_site=trainer.in_site))
-    with torch.no_grad():
-        d.W_enc.copy_(sae.encoder.weight)
-        d.b_enc.copy_(sae.encoder.bias)
-        d.W_dec.copy_(sae.W_dec)
-        d.b_dec.copy_(sae.b_dec)
-    return d
+    dictionary, stats = train_sparsify(trainer, k)
+    metrics = reconstruction_metrics(dictionary, trainer.store, (trainer.train_rows[1], trainer.store.n_rows))
+    return {**metrics, **stats}
 
 
 def main() -> None:
@@ -103,7 +55,7 @@ def main() -> None:
     trainer = Trainer(config)
     ours = next(iter(trainer.run().values()))
     theirs = sparsify_run(trainer, args.k)
-    print(f"\nTopK SAE, {args.site}, {args.latents} latents, k={args.k}, {trainer.steps * trainer.batch_size:,} tokens; "
+    print(f"\nTopK SAE, {args.site}, {args.latents} latents, k={args.k}, {trainer.steps * config.batch_size:,} tokens; "
           f"held-out rows {trainer.store.n_rows - trainer.train_rows[1]:,}")
     print(f"{'':12s}{'FVU':>10s}{'FVU inliers':>13s}{'dead':>10s}{'L0':>8s}{'train s':>10s}")
     for name, m in (("interp", ours), ("sparsify", theirs)):

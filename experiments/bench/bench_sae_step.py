@@ -155,11 +155,14 @@ print((status("VmHWM:") - before) / 1024)
 
 
 def main() -> None:
+    global D, LATENTS, K, TOKENS
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS / "sae_step.json")
+    parser.add_argument("--shape", default=f"{D},{LATENTS},{K},{TOKENS}", help="d,latents,k,tokens (smaller for a quick check)")
     args = parser.parse_args()
+    D, LATENTS, K, TOKENS = (int(v) for v in args.shape.split(","))
     import interp_kernels as Kern
 
     print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, native bfloat16 matmul: {Kern.native_bfloat16()}, "
@@ -191,7 +194,9 @@ def main() -> None:
         matmul = median.get("bare matmul in float32", median["bare matmul x @ W_enc^T"])
         limit = matmul / median["interp"]
         print(f"interp reaches {limit:.0%} of the encoder-matmul limit (bare matmul time / step time)")
-        results[name] = {"seconds": timed, "median": median, "fraction_of_matmul_limit": limit}
+        table = {"title": f"{name}: one step, d {D}, {LATENTS} latents, k {K}, {TOKENS} tokens", "baseline": "interp",
+                 "rows": [{"case": case, "median_s": s, "ratio": s / median["interp"]} for case, s in median.items()]}
+        results[name] = {"seconds": timed, "median": median, "fraction_of_matmul_limit": limit, "table": table}
     mem = {kind: peak_memory(kind) for kind in ("cpu", "reference")}
     print(f"\nencoder+TopK peak memory: interp chunked {mem['cpu']:.0f} MB, dense reference {mem['reference']:.0f} MB "
           f"({mem['reference'] / mem['cpu']:.1f}x lower; dense pre-activations alone are {TOKENS * LATENTS * 4 / 2**20:.0f} MB)")

@@ -1,5 +1,5 @@
 """Figures and static pages."""
 
-from interp.viz.dashboard import example_html, latent_section, write_dashboard
+from interp.viz.dashboard import build_dashboard, dashboard_data, dashboard_from_folder, write_page
 
-__all__ = ["example_html", "latent_section", "write_dashboard"]
+__all__ = ["build_dashboard", "dashboard_data", "dashboard_from_folder", "write_page"]
