@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from interp.config import opt, write_config
+from interp.config import opt, parse_layers, write_config
 from interp.errors import InputError, InterpError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="interp: a mechanistic-interpretability workbench")
@@ -446,20 +446,6 @@ def dla_cmd(config: DLAConfig) -> None:
     typer.echo(f"wrote {config.out}/components.csv and dla.html")
 
 
-def _layers(text: str, n_layers: int) -> list[int]:
-    """'all', '3', '0,5,29' or '10-20' -> layer list."""
-    if text.strip() == "all":
-        return list(range(n_layers))
-    layers: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.strip().partition("-")
-        try:
-            layers += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
-        except ValueError:
-            raise InputError(f"--layers {text!r}: use all, 3, 0,5,29 or 10-20") from None
-    return layers
-
-
 @dataclass
 class NeuronsDecodeConfig:
     model: str = opt("smollm2-135m", "embedded name, HF folder or hub id")
@@ -481,7 +467,7 @@ def neurons_decode_cmd(config: NeuronsDecodeConfig) -> None:
 
     model = load_model(config.model)
     started = time.perf_counter()
-    table = decode_neurons(model, _layers(config.layers, model.cfg.n_layers), weights=[w.strip() for w in config.weights.split(",")],
+    table = decode_neurons(model, parse_layers(config.layers, model.cfg.n_layers), weights=[w.strip() for w in config.weights.split(",")],
                            variant=config.variant, k=config.k, compute_dtype=config.compute_dtype)
     seconds = time.perf_counter() - started
     write_config(config, config.out)

@@ -365,54 +365,20 @@ class ClampResult:
         return {**{k: getattr(self, k) for k in keys}, "ratio": self.ratio}
 
 
-def clamp_effect(model: Model, layer: int, neuron: int, value: float, prompts: Sequence[str], *,
-                 token: str | int | None = None, max_new_tokens: int = 24) -> ClampResult:
-    """Clamp neuron ``(layer, neuron)`` to ``value`` at every position and measure ``token``.
+@dataclass
+class GreedyRun:
+    """Greedy continuations of prompts (prompt + new ids each) and every step's next-token distribution."""
 
-    ``token`` defaults to the top token of the neuron's output column decoded with the final
-    norm's gain (what the neuron writes towards). Generation is greedy; prompts run one length
-    group at a time, so no padding shifts positions.
-    """
-    from interp.intervene import Clamp
-    from interp.lens.logit import token_ids
+    prompts: list[str]
+    ids: list[torch.Tensor]
+    probs: list[torch.Tensor]  # [steps, vocab] per prompt
+    steps: int
 
-    if not 0 <= neuron < model.cfg.d_mlp:
-        raise InputError(f"neuron {neuron} is out of range: the MLP has neurons 0..{model.cfg.d_mlp - 1}")
+
+def greedy_run(model: Model, prompts: Sequence[str], steps: int, interventions: Sequence = ()) -> GreedyRun:
+    """Greedy generation, one length group of prompts at a time (no padding shifts positions)."""
     if not prompts:
-        raise InputError("clamp_effect needs at least one prompt")
-    site = neuron_site(model, layer)  # validates the layer
-    if token is None:
-        down = neuron_weights(model, layer)["down"][neuron] * variant_gain(model, layer, "final_gain")
-        W_U, _ = unembedding(model)
-        target = int((W_U @ down).argmax())
-    else:
-        target = token_ids(model, token)[0]
-    clamp = Clamp(site, unit=neuron, value=float(value))
-    clean_ids, clean_p = _greedy(model, prompts, max_new_tokens, target, [])
-    own_ids, own_p = _greedy(model, prompts, max_new_tokens, target, [clamp])
-    forced = []
-    with torch.no_grad(), model.intervene(clamp):
-        for ids in clean_ids:  # the unclamped text, read with the clamp: same contexts, only the neuron differs
-            logits = model(ids[None, :-1])[0, -max_new_tokens:]
-            forced.append(logits.float().softmax(-1)[:, target])
-    prompt_lengths = [len(ids) - max_new_tokens for ids in clean_ids]
-    generations = pd.DataFrame({
-        "prompt": list(prompts),
-        "clean": [model.to_string(ids[n:]) for ids, n in zip(clean_ids, prompt_lengths, strict=True)],
-        "clamped": [model.to_string(ids[n:]) for ids, n in zip(own_ids, prompt_lengths, strict=True)],
-    })
-    return ClampResult(
-        layer=layer, neuron=neuron, value=float(value), token=model.to_string([target]), token_id=target,
-        p_clean=float(torch.cat(clean_p).mean()), p_clamped=float(torch.cat(forced).mean()),
-        p_clamped_own=float(torch.cat(own_p).mean()),
-        count_clean=sum(int((ids[n:] == target).sum()) for ids, n in zip(clean_ids, prompt_lengths, strict=True)),
-        count_clamped=sum(int((ids[n:] == target).sum()) for ids, n in zip(own_ids, prompt_lengths, strict=True)),
-        generations=generations,
-    )
-
-
-def _greedy(model: Model, prompts: Sequence[str], steps: int, target: int, interventions: list) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Greedy continuations (prompt + new ids per prompt, in prompt order) and p(target) at every step."""
+        raise InputError("need at least one prompt")
     encoded = [model.tokenize(p).ids[0] for p in prompts]
     ids_out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
     probs_out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
@@ -425,9 +391,53 @@ def _greedy(model: Model, prompts: Sequence[str], steps: int, target: int, inter
             probs = []
             for _ in range(steps):
                 p = model(ids)[:, -1].float().softmax(-1)
-                probs.append(p[:, target])
+                probs.append(p)
                 ids = torch.cat([ids, p.argmax(-1, keepdim=True)], dim=1)
             stacked = torch.stack(probs, dim=1)
             for row, i in enumerate(members):
                 ids_out[i], probs_out[i] = ids[row], stacked[row]
-    return ids_out, probs_out
+    return GreedyRun(list(prompts), ids_out, probs_out, steps)
+
+
+def clamp_effect(model: Model, layer: int, neuron: int, value: float, prompts: Sequence[str], *,
+                 token: str | int | None = None, max_new_tokens: int = 24, baseline: GreedyRun | None = None) -> ClampResult:
+    """Clamp neuron ``(layer, neuron)`` to ``value`` at every position and measure ``token``.
+
+    ``token`` defaults to the top token of the neuron's output column decoded with the final
+    norm's gain (what the neuron writes towards). Generation is greedy. ``baseline``: the
+    unclamped ``greedy_run`` of the same prompts and length, reused across neurons.
+    """
+    from interp.intervene import Clamp
+    from interp.lens.logit import token_ids
+
+    if not 0 <= neuron < model.cfg.d_mlp:
+        raise InputError(f"neuron {neuron} is out of range: the MLP has neurons 0..{model.cfg.d_mlp - 1}")
+    site = neuron_site(model, layer)  # validates the layer
+    if token is None:
+        down = neuron_weights(model, layer)["down"][neuron] * variant_gain(model, layer, "final_gain")
+        W_U, _ = unembedding(model)
+        target = int((W_U @ down).argmax())
+    else:
+        target = token_ids(model, token)[0]
+    clamp = Clamp(site, unit=neuron, value=float(value))
+    clean = baseline if baseline is not None else greedy_run(model, prompts, max_new_tokens)
+    if clean.prompts != list(prompts) or clean.steps != max_new_tokens:
+        raise InputError("the baseline run was made for other prompts or another length")
+    own = greedy_run(model, prompts, max_new_tokens, [clamp])
+    forced = []
+    with torch.no_grad(), model.intervene(clamp):
+        for ids in clean.ids:  # the unclamped text, read with the clamp: same contexts, only the neuron differs
+            logits = model(ids[None, :-1])[0, -max_new_tokens:]
+            forced.append(logits.float().softmax(-1)[:, target])
+    starts = [len(ids) - max_new_tokens for ids in clean.ids]
+    pairs = list(zip(clean.ids, own.ids, starts, strict=True))
+    generations = pd.DataFrame({"prompt": list(prompts), "clean": [model.to_string(c[n:]) for c, _, n in pairs],
+                                "clamped": [model.to_string(o[n:]) for _, o, n in pairs]})
+    return ClampResult(
+        layer=layer, neuron=neuron, value=float(value), token=model.to_string([target]), token_id=target,
+        p_clean=float(torch.cat([p[:, target] for p in clean.probs]).mean()), p_clamped=float(torch.cat(forced).mean()),
+        p_clamped_own=float(torch.cat([p[:, target] for p in own.probs]).mean()),
+        count_clean=sum(int((c[n:] == target).sum()) for c, _, n in pairs),
+        count_clamped=sum(int((o[n:] == target).sum()) for _, o, n in pairs),
+        generations=generations,
+    )
