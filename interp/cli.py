@@ -55,6 +55,8 @@ def command(config_cls: type[C], name: str, group: typer.Typer = app) -> Callabl
             default = f.default
             kind = str if meta.get("parse") else _cli_type(hints[f.name])
             flag = f"--{f.name.replace('_', '-')}"
+            if kind is bool:  # --x / --no-x, so a True default can be switched off
+                flag = f"{flag}/--no-{f.name.replace('_', '-')}"
             if meta.get("argument"):
                 info = typer.Argument(... if default is dataclasses.MISSING else default, help=meta.get("help", ""))
             else:
