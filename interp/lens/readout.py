@@ -97,11 +97,20 @@ class Readout:
         self.model = model
         self.norm = norm_info(model.final_norm, model.cfg.d_model)
         self.W_U, self.b_U = unembedding(model)
+        self._converted: dict[torch.dtype, torch.Tensor] = {}
+
+    def weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W_U in ``dtype`` (converted once)."""
+        if dtype is None or dtype == self.W_U.dtype:
+            return self.W_U
+        if dtype not in self._converted:
+            self._converted[dtype] = self.W_U.to(dtype)
+        return self._converted[dtype]
 
     def logits(self, h: torch.Tensor, *, scale: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Float32 logits [..., vocab]; ``scale`` freezes the norm's scale; ``dtype`` is the matmul dtype."""
         normed = self.norm(h.float(), scale)
-        weight = self.W_U if dtype is None else self.W_U.to(dtype)
+        weight = self.weight(dtype)
         out = (normed.to(weight.dtype) @ weight.T).float()
         return out if self.b_U is None else out + self.b_U
 

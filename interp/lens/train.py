@@ -138,7 +138,7 @@ def train_step(lens: AffineLens, readout: Readout, batch: dict[str, torch.Tensor
         p = final_logp.exp()
         neg_entropy = (p * final_logp).sum(-1)
         del final_logp
-        weight = readout.W_U if dtype is None else readout.W_U.to(dtype)
+        weight = readout.weight(dtype)
     rows, losses = p.shape[0], {}
     for site in lens.sites:
         normed = readout.norm(lens.translate(batch[site], site))
