@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from interp.errors import ArchitectureError, InputError
-from interp.lens.readout import norm_info, unembedding
+from interp.lens.readout import norm_info, unembedding, vocabulary
 
 if TYPE_CHECKING:
     from interp.models.model import Model
@@ -244,13 +244,6 @@ def decode_neurons(
     if not frames:
         raise InputError(f"{model.cfg.name} has none of the weights {wanted} (it has {', '.join(neuron_weights(model, layers[0]))})")
     return pd.concat(frames, ignore_index=True)
-
-
-def vocabulary(model: Model) -> np.ndarray:
-    """Every token id's text, as an object array (for fast fancy indexing)."""
-    tokens = model.tokenizer.convert_ids_to_tokens(list(range(model.cfg.d_vocab)))
-    texts = [model.tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in tokens]
-    return np.array(texts, dtype=object)
 
 
 def write_neuron_table(table: pd.DataFrame, folder: str | Path, *, title: str = "LM-head neuron decoding", html_tokens: int = 5) -> tuple[Path, Path]:

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from interp.errors import InputError
-from interp.lens.readout import Readout
+from interp.lens.readout import Readout, vocabulary
 from interp.lens.translators import AffineLens, final_site, resid_sites
 
 if TYPE_CHECKING:
@@ -99,6 +99,7 @@ def logit_lens(
     cache = model.run_with_cache(batch, list(dict.fromkeys([*sites, last])))
     rows = _rows(batch.real(), positions)
     readout = Readout(model)
+    texts = vocabulary(model)
     vocab = readout.W_U.shape[0]
     step = max(1, chunk_elements // vocab)
     top_k = min(top_k, vocab)
@@ -123,8 +124,8 @@ def logit_lens(
                 for i, (prompt, pos) in enumerate(chunk):
                     records.append({
                         "prompt": prompt, "layer": layer, "site": name, "position": pos,
-                        "input_token": model.to_string([int(batch.ids[prompt, pos])]),
-                        "top_tokens": [model.to_string([t]) for t in top.indices[i].tolist()],
+                        "input_token": texts[int(batch.ids[prompt, pos])],
+                        "top_tokens": list(texts[top.indices[i].numpy()]),
                         "top_probs": [round(p, 5) for p in top.values[i].exp().tolist()],
                         "kl": float(kl[i]),
                     })
@@ -133,10 +134,10 @@ def logit_lens(
                     ranks = (logits > chosen).sum(-1) + 1
                     for i, (prompt, pos) in enumerate(chunk):
                         token_records.append({
-                            "prompt": prompt, "layer": layer, "site": name, "position": pos, "token": model.to_string([token]),
+                            "prompt": prompt, "layer": layer, "site": name, "position": pos, "token": texts[token],
                             "token_id": token, "prob": float(logq[i, token].exp()), "logit": float(chosen[i, 0]), "rank": int(ranks[i]),
                         })
-    str_tokens = [[model.to_string([int(t)]) for t, real in zip(row, mask, strict=True) if real]
+    str_tokens = [[texts[int(t)] for t, real in zip(row, mask, strict=True) if real]
                   for row, mask in zip(batch.ids, batch.real(), strict=True)]
     token_columns = ["prompt", "layer", "site", "position", "token", "token_id", "prob", "logit", "rank"]
     return LensResult(

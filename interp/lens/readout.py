@@ -12,9 +12,11 @@ LayerNorm: y = gain * (x - mean(x)) / s(x) + bias,  s(x) = sqrt(var(x) + eps)
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -125,3 +127,15 @@ def unembedding(model: Model) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(head, nn.Linear):
         return head.weight.detach().float(), None if head.bias is None else head.bias.detach().float()
     raise ArchitectureError(f"unembedding {type(head).__name__}: expected a linear layer")
+
+
+_vocabularies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def vocabulary(model: Model) -> np.ndarray:
+    """Every token id's text (as ``model.to_string([id])`` gives it), as an object array; cached per tokenizer."""
+    tokenizer = model.tokenizer
+    if tokenizer not in _vocabularies:
+        pieces = tokenizer.convert_ids_to_tokens(list(range(model.cfg.d_vocab)))
+        _vocabularies[tokenizer] = np.array([tokenizer.convert_tokens_to_string([p]) if p is not None else "" for p in pieces], dtype=object)
+    return _vocabularies[tokenizer]
