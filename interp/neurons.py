@@ -12,10 +12,9 @@ against every token's unembedding row and keeps the top and bottom tokens:
 
 Scores are dot products (logit contributions per unit of the vector). Memory stays bounded: the
 vectors are decoded in chunks of ``chunk`` x vocabulary. Where the CPU multiplies bfloat16
-natively the scores are screened in bfloat16 and the candidates rescored exactly in float32;
-the screen's rounding error is bounded (inputs and output rounded to bfloat16: |error| <=
-0.0125 * |w| * max_v |W_U[v]|), and any row whose top k could hide behind that bound is
-recomputed in float32, so the result is exactly float32's top k.
+natively, one bfloat16 matmul per direction yields a rigorous upper bound of every token's score
+(see ``ScreenedUnembedding``), the best bounds are rescored exactly in float32, and any row whose
+top k the bounds cannot settle is recomputed in float32: the tokens are float32's.
 
 ``clamp_effect`` sets one neuron's hidden activation (``blocks.L.mlp.hook_post``) to a value at
 every position through ``interp.Clamp`` and measures the probability of a token, greedy
@@ -45,7 +44,6 @@ if TYPE_CHECKING:
 
 WEIGHT_KINDS = ("gate", "up", "down")
 VARIANTS = ("raw", "final_gain", "input_gain")
-SCREEN_ERROR = 0.0125  # > 3 * 2^-8 (bfloat16 rounding of both inputs and the output) + float32 accumulation
 
 
 def neuron_weights(model: Model, layer: int) -> dict[str, torch.Tensor]:
