@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from interp.config import opt, parse_count, write_config
+from interp.config import opt, parse_count, parse_layers, write_config
 from interp.errors import InputError, InterpError
 from interp.paths import atomic_write, write_json
 
@@ -27,6 +27,22 @@ store_app = typer.Typer(no_args_is_help=True, help="Inspect and check activation
 app.add_typer(store_app, name="store")
 experiment_app = typer.Typer(no_args_is_help=True, help="Run experiment files (experiments/*.toml) into results folders.")
 app.add_typer(experiment_app, name="experiment")
+
+
+class DefaultCommandGroup(typer.core.TyperGroup):
+    """A group whose first subcommand also runs when none is named: ``interp lens PROMPT`` = ``interp lens show PROMPT``."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = [next(iter(self.commands)), *args]
+        return super().parse_args(ctx, args)
+
+
+lens_app = typer.Typer(cls=DefaultCommandGroup, no_args_is_help=True,
+                       help="Lenses: `interp lens PROMPT` reads every layer; `interp lens train` trains a tuned or linear-map lens.")
+app.add_typer(lens_app, name="lens")
+neurons_app = typer.Typer(no_args_is_help=True, help="MLP neurons: decode through the unembedding, clamp during generation.")
+app.add_typer(neurons_app, name="neurons")
 C = TypeVar("C")
 
 
@@ -151,7 +167,7 @@ def cache_cmd(config: CacheConfig) -> None:
     cache = model.run_with_cache(config.prompt, config.sites)
     shapes = {name: list(value.shape) for name, value in cache.items()}
     typer.echo(f"cached {len(shapes)} sites, e.g. {next(iter(shapes))}: {next(iter(shapes.values()))}")
-    table = logit_lens(model, config.prompt, top_k=config.top_k)
+    table = logit_lens(model, config.prompt, top_k=config.top_k, positions=-1).table
     with pd.option_context("display.max_colwidth", 80, "display.width", 160):
         shown = table.assign(top_tokens=[" ".join(repr(t) for t in row) for row in table["top_tokens"]])
         typer.echo(shown[["layer", "top_tokens", "top_probs"]].to_string(index=False))
@@ -372,6 +388,197 @@ def experiment_kinds_cmd(_config: ExperimentListConfig) -> None:
     for kind in kinds().values():
         names = ", ".join(f.name for f in dataclasses.fields(kind.params))
         typer.echo(f"{kind.name:22s} {kind.doc.splitlines()[0] if kind.doc else ''}\n{'':22s} params: {names}")
+
+
+@dataclass
+class LensShowConfig:
+    prompt: str = opt(help="text to read", argument=True)
+    lens: str = opt("logit", "logit, tuned or linear")
+    lens_path: Path | None = opt(None, "a lens folder from `interp lens train` (default for tuned/linear: runs/lens-<kind>/lens)")
+    model: str = opt("smollm2-135m", "embedded name, HF folder or hub id")
+    site: str | None = opt(None, "residual kind (resid_pre, resid_mid, resid_post); default resid_post, or the lens's own sites")
+    norm: str = opt("recompute", "final norm scale: recompute (per layer) or frozen (the last layer's)")
+    token: str | None = opt(None, "a token to follow (probability and rank per layer), e.g. ' Paris'")
+    top_k: int = opt(5, "top tokens kept per cell")
+    html: Path | None = opt(None, "write the figures (top token per layer and position, KL per layer, the token's rank) here")
+
+
+@command(LensShowConfig, "show", lens_app)
+def lens_show_cmd(config: LensShowConfig) -> None:
+    """Read every layer's residual stream through the readout: top tokens per layer and position, KL to the output."""
+    import pandas as pd
+
+    from interp.lens import LENS_KINDS, AffineLens, logit_lens
+    from interp.models import load_model
+    from interp.viz.lens import kl_figure, write_figures
+
+    if config.lens not in LENS_KINDS:
+        raise InputError(f"--lens {config.lens!r}: choose one of {', '.join(LENS_KINDS)}")
+    path = config.lens_path or Path(f"runs/lens-{config.lens}/lens")
+    model = load_model(config.model)
+    lens = None if config.lens == "logit" else AffineLens.load(path, model)
+    if lens is not None and lens.kind != config.lens:
+        raise InputError(f"{path} holds a {lens.kind} lens, not a {config.lens} lens")
+    result = logit_lens(model, config.prompt, site=config.site, lens=lens, norm=config.norm, top_k=config.top_k, tokens=config.token)
+    grid = result.table.pivot(index="layer", columns="position", values="top_tokens").map(lambda t: repr(t[0])[1:-1])
+    grid.columns = [f"{p}:{result.str_tokens[0][p]!r}"[:14] for p in grid.columns]
+    last = result.table[result.table.position == result.table.position.max()].set_index("layer")
+    grid["KL(last)"] = last["kl"].round(3)
+    if config.token:
+        tracked = result.tokens[result.tokens.position == result.tokens.position.max()].set_index("layer")
+        grid[f"p({config.token!r})"] = tracked["prob"].round(4)
+        grid["rank"] = tracked["rank"]
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        typer.echo(f"{result.lens} lens, {config.norm} norm scale; top token per layer (rows) and position (columns):")
+        typer.echo(grid.iloc[:, -12:].to_string())
+    if config.html:
+        figures = [result.figure(), kl_figure(result.table[result.table.position == result.table.position.max()]
+                                              .assign(lens=result.lens), "KL(final || lens) per layer at the last position")]
+        if config.token:
+            figures.append(result.token_figure())
+        write_figures(config.html, figures, f"{result.lens} lens: {config.prompt}")
+        typer.echo(f"wrote {config.html}")
+
+
+from interp.lens.train import LensTrainConfig  # noqa: E402
+
+
+@command(LensTrainConfig, "train", lens_app)
+def lens_train_cmd(config: LensTrainConfig) -> None:
+    """Train a tuned lens (KL, from the store) or fit a linear-map lens (least squares); report held-out KL per layer."""
+    from interp.lens import fit_linear_lens, held_out_report, train_tuned_lens
+    from interp.models import load_model
+    from interp.viz.lens import kl_figure, write_figures
+
+    model = load_model(config.model)
+    lens = (train_tuned_lens if config.lens == "tuned" else fit_linear_lens)(config, model=model)
+    table = held_out_report(config, lens, model=model)
+    wide = table.pivot(index="layer", columns="lens", values="kl")
+    typer.echo(f"held-out KL(final || lens) per layer, nats ({int(table.tokens.iloc[0]):,} tokens):")
+    typer.echo(wide.round(4).to_string())
+    write_figures(config.out / "kl.html", [kl_figure(table)], f"{config.lens} lens")
+    typer.echo(f"trained in {lens.meta['train_seconds']:.1f} s; wrote {config.out}/lens, metrics.json, kl.html")
+
+
+@dataclass
+class DLAConfig:
+    task: str = opt("ioi", "ioi, factual, or prompt (with --prompt, --answer and optionally --wrong)")
+    model: str = opt("smollm2-135m", "embedded name, HF folder or hub id")
+    n: int = opt(16, "task prompts")
+    template: int = opt(0, "ioi: which template")
+    seed: int = opt(0, "seed for the task prompts")
+    prompt: str | None = opt(None, "task=prompt: the text")
+    answer: str | None = opt(None, "task=prompt: the token whose logit to attribute, e.g. ' Paris'")
+    wrong: str | None = opt(None, "task=prompt: subtract this token's logit")
+    dictionary: Path | None = opt(None, "a trained SAE / transcoder folder: split its site into latents")
+    top: int = opt(10, "heads and latents to print")
+    out: Path = opt(Path("runs/dla"), "folder for config.json, components.csv and dla.html")
+
+
+@command(DLAConfig, "dla")
+def dla_cmd(config: DLAConfig) -> None:
+    """Direct logit attribution: embeddings, every head and every MLP's contribution to a logit difference."""
+    from interp.dla import direct_logit_attribution, dla_task
+    from interp.models import load_model
+    from interp.patching import TASKS
+    from interp.viz.lens import write_figures
+
+    if config.task not in (*TASKS, "prompt"):
+        raise InputError(f"--task {config.task!r}: choose one of {', '.join(TASKS)}, prompt")
+    if config.task == "prompt" and not (config.prompt and config.answer):
+        raise InputError("--task prompt needs --prompt and --answer (and optionally --wrong)")
+    dictionary = None
+    if config.dictionary is not None:
+        from interp.dictionary.io import load_dictionary
+
+        dictionary = load_dictionary(config.dictionary)
+    model = load_model(config.model)
+    if config.task == "prompt":
+        result = direct_logit_attribution(model, config.prompt, config.answer, config.wrong, dictionary=dictionary)
+    else:
+        kwargs = {"template": config.template} if config.task == "ioi" else {}
+        task = TASKS[config.task](model, config.n, seed=config.seed, **kwargs)
+        typer.echo(task.summary())
+        result = dla_task(model, task, dictionary=dictionary)
+    typer.echo(result.summary())
+    typer.echo(result.top_heads(config.top)[["component", "mean", "std"]].to_string(index=False))
+    mlps = result.table[result.table.kind == "mlp"]
+    typer.echo(mlps.reindex(mlps["mean"].abs().sort_values(ascending=False).index).head(5)[["component", "mean", "std"]].to_string(index=False))
+    if not result.latents.empty:
+        typer.echo(result.latents.head(config.top).to_string(index=False))
+    write_config(config, config.out)
+    result.table.to_csv(config.out / "components.csv", index=False)
+    write_figures(config.out / "dla.html", [result.figure()], "direct logit attribution")
+    typer.echo(f"wrote {config.out}/components.csv and dla.html")
+
+
+@dataclass
+class NeuronsDecodeConfig:
+    model: str = opt("smollm2-135m", "embedded name, HF folder or hub id")
+    layers: str = opt("all", "all, 12, 0,5,29 or 10-20")
+    variant: str = opt("raw", "raw, final_gain (the final norm's gain) or input_gain (the MLP's own input-norm gain)")
+    weights: str = opt("gate,up,down", "which neuron vectors: gate and up (input rows), down (output column)")
+    k: int = opt(10, "top and bottom tokens per vector")
+    compute_dtype: str = opt("auto", "auto (bfloat16 screen + exact float32 rescoring where native), float32")
+    out: Path = opt(Path("runs/neurons"), "folder for neurons.parquet, neurons.html and config.json")
+
+
+@command(NeuronsDecodeConfig, "decode", neurons_app)
+def neurons_decode_cmd(config: NeuronsDecodeConfig) -> None:
+    """Decode every MLP neuron's input rows and output column through the unembedding: parquet + searchable HTML."""
+    import time
+
+    from interp.models import load_model
+    from interp.neurons import decode_neurons, write_neuron_table
+
+    model = load_model(config.model)
+    started = time.perf_counter()
+    table = decode_neurons(model, parse_layers(config.layers, model.cfg.n_layers), weights=[w.strip() for w in config.weights.split(",")],
+                           variant=config.variant, k=config.k, compute_dtype=config.compute_dtype)
+    seconds = time.perf_counter() - started
+    write_config(config, config.out)
+    parquet, page = write_neuron_table(table, config.out, title=f"{model.cfg.name}: neurons decoded ({config.variant})")
+    sample = table.sample(min(8, len(table)), random_state=0)
+    typer.echo(sample.assign(top=[" ".join(repr(t) for t in row[:5]) for row in sample.top_tokens])[["layer", "neuron", "weight", "top"]]
+               .to_string(index=False))
+    typer.echo(f"decoded {len(table):,} vectors in {seconds:.1f} s; wrote {parquet} and {page}")
+
+
+@dataclass
+class NeuronsClampConfig:
+    layer: int = opt(help="layer of the neuron")
+    neuron: int = opt(help="neuron index in the MLP hidden layer")
+    model: str = opt("smollm2-135m", "embedded name, HF folder or hub id")
+    value: float | None = opt(None, "clamp to this value (default: --scale times the neuron's largest activation)")
+    scale: float = opt(4.0, "without --value: multiple of the neuron's largest activation on 2,048 corpus tokens")
+    token: str | None = opt(None, "token to measure (default: the top token of the neuron's output column, final-norm gain)")
+    prompts: str | None = opt(None, "prompts separated by '|' (default: the test prompts of data/prompts.json)")
+    max_new_tokens: int = opt(24, "greedy tokens generated per prompt")
+    out: Path | None = opt(None, "folder for config.json and clamp.json")
+
+
+@command(NeuronsClampConfig, "clamp", neurons_app)
+def neurons_clamp_cmd(config: NeuronsClampConfig) -> None:
+    """Clamp one MLP neuron during generation and measure the probability of its decoded token."""
+    from interp.models import load_model
+    from interp.neurons import clamp_effect, corpus_max_activation, default_prompts
+
+    model = load_model(config.model)
+    prompts = [p for p in config.prompts.split("|") if p.strip()] if config.prompts else default_prompts("test")
+    value = config.value
+    if value is None:
+        peak = corpus_max_activation(model, config.layer, config.neuron)
+        value = config.scale * peak
+        typer.echo(f"largest activation on the corpus sample: {peak:.3f}; clamping to {value:.3f}")
+    result = clamp_effect(model, config.layer, config.neuron, value, prompts, token=config.token, max_new_tokens=config.max_new_tokens)
+    summary = result.summary()
+    typer.echo(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in summary.items()))
+    for row in result.generations.head(4).itertuples():
+        typer.echo(f"{row.prompt!r}\n  clean:   {row.clean!r}\n  clamped: {row.clamped!r}")
+    if config.out:
+        write_config(config, config.out)
+        (config.out / "clamp.json").write_text(json.dumps({**summary, "generations": result.generations.to_dict("records")}, indent=1))
+        typer.echo(f"wrote {config.out}/clamp.json")
 
 
 def main() -> None:

@@ -30,6 +30,23 @@ def parse_count(text: str | int) -> int:
         raise InputError(f"{text!r} is not a count (examples: 4096, 500k, 2M)") from None
 
 
+def parse_layers(text: str, n_layers: int) -> list[int]:
+    """'all', '3', '0,5,29' or '10-20' -> a list of layers, each checked against ``n_layers``."""
+    if text.strip() == "all":
+        return list(range(n_layers))
+    layers: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            layers += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+        except ValueError:
+            raise InputError(f"layers {text!r}: use all, 3, 0,5,29 or 10-20") from None
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad or not layers:
+        raise InputError(f"layers {text!r}: layer {bad[0] if bad else '?'} is out of range 0..{n_layers - 1}")
+    return layers
+
+
 def config_dict(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 

@@ -137,3 +137,17 @@ def _holder(path: Path) -> str:
         return f"pid {record['pid']} ({record['command']}, since {record['since']})"
     except (OSError, ValueError, KeyError):
         return "another process"
+
+
+def resource_json(name: str) -> Any:
+    """A JSON file of the repository's data/ folder, read from the installed package
+    ``interp.resources`` (data/ ships as package data, so this works from a wheel too)."""
+    from importlib import resources
+
+    from interp.errors import InputError
+
+    path = resources.files("interp.resources").joinpath(*name.split("/"))
+    if not path.is_file():
+        raise InputError(f"data/{name} is missing from the installed package interp.resources (an install without its package data?)")
+    return json.loads(path.read_text(encoding="utf-8"))
+

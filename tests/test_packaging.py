@@ -30,13 +30,13 @@ def test_task_data_works_from_an_installed_wheel(embedded, tmp_path):
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    for folder in ("interp", "kernels"):
+    for folder in ("interp", "kernels", "data"):
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp_path / "wheels"), str(source)],
                    check=True, capture_output=True)
     wheel = next((tmp_path / "wheels").glob("*.whl"))
-    assert {"interp/patching/data/ioi.json", "interp/patching/data/facts.json"} <= set(zipfile.ZipFile(wheel).namelist())
+    assert {"interp/resources/ioi.json", "interp/resources/facts.json", "interp/resources/prompts.json"} <= set(zipfile.ZipFile(wheel).namelist())
     target = tmp_path / "installed"
     subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)], check=True, capture_output=True)
     script = (

@@ -12,16 +12,15 @@ length and whose clean answer the model actually prefers, and report how many th
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import TYPE_CHECKING
 
 import torch
 
 from interp.errors import InputError
+from interp.paths import resource_json
 from interp.models.model import Tokens
 
 if TYPE_CHECKING:
@@ -73,14 +72,6 @@ class PatchingTask:
                 f"metric clean {self.clean_value:.3f}, corrupt {self.corrupt_value:.3f}")
 
 
-def _load(name: str) -> dict:
-    """A task file shipped inside the package (interp/patching/data/), so it is there in any install."""
-    path = resources.files("interp.patching") / "data" / name
-    if not path.is_file():
-        raise InputError(f"{name} is missing from interp/patching/data/ (an install without the package data?)")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def _single_token(model: Model, text: str) -> int | None:
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids[0] if len(ids) == 1 else None
@@ -92,7 +83,7 @@ def ioi_task(model: Model, n: int = 16, *, template: int = 0, seed: int = 0, max
     The corrupt prompt swaps A and B everywhere, so its answer is B. One template per task, so
     every prompt has the same length.
     """
-    data = _load("ioi.json")
+    data = resource_json("ioi.json")
     if not 0 <= template < len(data["templates"]):
         raise InputError(f"template {template}: choose 0..{len(data['templates']) - 1}")
     pattern = data["templates"][template]
@@ -113,7 +104,7 @@ def ioi_task(model: Model, n: int = 16, *, template: int = 0, seed: int = 0, max
 def factual_task(model: Model, n: int = 16, *, seed: int = 0) -> PatchingTask:
     """Factual recall: "The Eiffel Tower is located in the city of" -> " Paris"; the corrupt prompt
     has another subject of the same token length (and another city)."""
-    data = _load("facts.json")
+    data = resource_json("facts.json")
     facts = [(s, c) for s, c in data["facts"] if _single_token(model, " " + c) is not None]
     length = {s: len(model.tokenizer(data["template"].format(subject=s), add_special_tokens=False)["input_ids"]) for s, _ in facts}
     rng = random.Random(seed)
