@@ -1,0 +1,141 @@
+"""Steered generation against plain generation and TransformerLens (issue: steering).
+
+    python experiments/bench/bench_steering.py [--batch 16] [--new-tokens 64] [--layer 6] [--repeats 5]
+
+Greedy generation of ``--new-tokens`` tokens for a batch of prompts (the neutral test prompts cut
+to the same token length, so no case pads), SmolLM2-135M in float32 on the CPU, KV cache on:
+
+  interp, plain                  interp.steering.generate, no steering              <- baseline
+  interp, steered (all)          + a difference-in-means vector added at blocks.L.hook_resid_post, every position
+  interp, steered (generated)    + the same vector on the generated tokens only (a position mask)
+  HF generate                    the HF module's own generate, no wrapper (what interp calls)
+  TransformerLens, plain         HookedTransformer.generate on the same weights (built from the same HF module)
+  TransformerLens, steered       + the same vector added by a TransformerLens hook at the same site
+
+Every ratio is against the baseline timed in the same run (interleaved repeats, medians). Cases
+are timed per generated token, since a batch can stop early when every row has ended. The script
+also checks that TransformerLens's steered tokens equal interp's (the hooks are equivalent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+RESULTS = Path(__file__).resolve().parents[2] / "runs" / "bench"
+
+
+def transformer_lens_copy(model):
+    """A HookedTransformer over the same weights: TransformerLens's own config reader and weight
+    conversion, fed the converted model folder and the already-loaded HF module (no download)."""
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformer
+
+    from interp.paths import interp_home
+
+    folder = str(interp_home() / "models" / model.cfg.name)
+    cfg = loading.get_pretrained_model_config(folder, fold_ln=False, device="cpu", default_prepend_bos=False)
+    tl = HookedTransformer(cfg, tokenizer=model.tokenizer, move_to_device=True)
+    state = loading.get_pretrained_state_dict(folder, cfg, hf_model=model.module)
+    tl.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False,
+                                   fold_value_biases=False)
+    return tl.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=6)
+    parser.add_argument("--layer", type=int, default=6)
+    parser.add_argument("--strength", type=float, default=0.5, help="multiple of the site's mean activation norm")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=RESULTS / "steering.json")
+    args = parser.parse_args()
+
+    import interp
+    from interp.data.concepts import load_concept, load_prompts
+    from interp.steering import diff_in_means, generate, site_mean_norm, steering
+    from timing import interleaved, report
+
+    torch.manual_seed(0)
+    model = interp.load_model("smollm2-135m")
+    site = model.site("resid_post", args.layer)
+    concept = load_concept("sentiment")
+    vector = diff_in_means(model, concept, site)
+    norm = site_mean_norm(model, site, concept.texts)
+    added = vector.scaled(args.strength, "norm", norm)
+    rows = [ids[: args.prompt_tokens] for ids in (model.tokenizer(p)["input_ids"] for p in load_prompts("neutral_test"))
+            if len(ids) >= args.prompt_tokens][: args.batch]
+    if len(rows) < args.batch:
+        raise SystemExit(f"only {len(rows)} prompts have {args.prompt_tokens} tokens; lower --batch or --prompt-tokens")
+    ids = torch.tensor(rows)
+    prompts = [model.tokenizer.decode(r) for r in rows]
+    assert model.tokenize(prompts).ids.equal(ids), "prompts must re-tokenize to the same ids"
+    tl = transformer_lens_copy(model)
+    steer_all = steering(vector, args.strength, mean_norm=norm)
+    steer_generated = steering(vector, args.strength, mean_norm=norm, positions="generated")
+    n = args.new_tokens
+    steps: dict[str, int] = {}
+
+    def interp_case(name, edits):
+        def run():
+            out = generate(model, prompts, edits, max_new_tokens=n, batch_size=args.batch)
+            steps[name] = max(len(x) for x in out.new_ids)
+            return out
+        return run
+
+    def hf_plain():
+        with torch.no_grad():
+            out = model.module.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                        pad_token_id=model.pad_token_id, eos_token_id=model.tokenizer.eos_token_id)
+        steps["HF generate"] = out.shape[1] - ids.shape[1]
+        return out
+
+    def tl_hook(act, hook):
+        return act + added.to(act)
+
+    def tl_case(name, hooks):
+        def run():
+            with torch.no_grad(), tl.hooks(fwd_hooks=hooks):
+                out = tl.generate(ids, max_new_tokens=n, do_sample=False, use_past_kv_cache=True, verbose=False, stop_at_eos=False)
+            steps[name] = out.shape[1] - ids.shape[1]
+            return out
+        return run
+
+    cases = {
+        "interp, plain": interp_case("interp, plain", ()),
+        "interp, steered (all positions)": interp_case("interp, steered (all positions)", steer_all),
+        "interp, steered (generated positions)": interp_case("interp, steered (generated positions)", steer_generated),
+        "HF generate": hf_plain,
+        "TransformerLens, plain": tl_case("TransformerLens, plain", []),
+        "TransformerLens, steered (hook)": tl_case("TransformerLens, steered (hook)", [(site, tl_hook)]),
+    }
+    # Equivalence: TransformerLens's steered greedy tokens against interp's, position by position.
+    ours = generate(model, prompts, steer_all, max_new_tokens=n, batch_size=args.batch).new_ids
+    theirs = tl_case("check", [(site, tl_hook)])()[:, ids.shape[1]:].tolist()
+    agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y))) for x, y in zip(ours, theirs)]
+    print(f"TransformerLens vs interp steered greedy tokens: rows identical for their first {statistics.median(agree):.0f} "
+          f"tokens (median over rows; min {min(agree)}, of {n})")
+    times = interleaved(cases, repeats=args.repeats, warmup=1)
+    per_token = {name: [t / steps[name] for t in values] for name, values in times.items()}
+    throughput = {name: args.batch * steps[name] / statistics.median(values) for name, values in times.items()}
+    result = report(f"steered greedy generation: {args.batch} prompts x {args.prompt_tokens} tokens, {n} new tokens, "
+                    f"{site} (seconds per generation step)", per_token, "interp, plain",
+                    targets={"interp, steered (all positions)": 1.05, "interp, steered (generated positions)": 1.05},
+                    out=args.out, extra={"tokens_per_s": throughput, "steps": steps, "tl_agreement_tokens": agree,
+                                         "args": {k: str(v) for k, v in vars(args).items()}})
+    median = {row["case"]: row["median_s"] for row in result["rows"]}
+    for name, rate in throughput.items():
+        print(f"{name:52s} {rate:8.1f} tokens/s")
+    print(f"TransformerLens steered / interp steered (time per step): "
+          f"{median['TransformerLens, steered (hook)'] / median['interp, steered (all positions)']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
