@@ -2,13 +2,13 @@
 
     python experiments/steering_sentiment.py [--out runs/steering-sentiment] [--threads 1]
 
-1. Development (``data/prompts/neutral_dev.txt``, 30 prompts): difference-in-means vectors at
+1. Development (``interp/data/prompts/neutral_dev.txt``, 30 prompts): difference-in-means vectors at
    several layers and strengths; the layer is the one whose best strength raises the mean VADER
    compound most while keeping perplexity within ``--max-ppl-ratio`` times the unsteered one.
 2. An SAE on that layer (``interp.dictionary.train``, harvesting the store if needed); its latent
    that fires most more on the positive texts than on the negative ones gives the SAE direction.
    The logistic probe at that layer (trained on 75% of the sentiment texts) gives the probe direction.
-3. Held-out report (``data/prompts/neutral_test.txt``, 60 prompts): every direction at every
+3. Held-out report (``interp/data/prompts/neutral_test.txt``, 60 prompts): every direction at every
    strength of ``--strengths`` (units: multiples of the layer's mean activation norm), greedy
    decoding; table, plot and generations in ``OUT/test``.
 Every stage resumes from what ``OUT`` already holds.

@@ -1,6 +1,6 @@
 """Steered generation against plain generation and TransformerLens (issue: steering).
 
-    python experiments/bench/bench_steering.py [--batch 16] [--new-tokens 64] [--layer 6] [--repeats 5]
+    python experiments/bench/bench_steering.py [--batch 16] [--new-tokens 64] [--layer 6] [--repeats 5] [--threads N]
 
 Greedy generation of ``--new-tokens`` tokens for a batch of prompts (the neutral test prompts cut
 to the same token length, so no case pads), SmolLM2-135M in float32 on the CPU, KV cache on:
@@ -55,8 +55,11 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=6)
     parser.add_argument("--strength", type=float, default=0.5, help="multiple of the site's mean activation norm")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=RESULTS / "steering.json")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import interp
     from interp.data.concepts import load_concept, load_prompts

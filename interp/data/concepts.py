@@ -15,7 +15,8 @@ concept in generated text (one per line, ``*`` at the end matches any ending), r
 Prompt files are ``.txt`` (one prompt per line) or ``.jsonl`` (``{"prompt": ...}``).
 
 Built-in names (``sentiment``, ``sentiment_pairs``, ``wedding``, ``space``; prompts
-``neutral_dev``, ``neutral_test``) are read from the repository's ``data/`` folder.
+``neutral_dev``, ``neutral_test``) are files in ``interp/data/concepts/`` and
+``interp/data/prompts/``, shipped as package data so every install has them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from interp.errors import InputError
 
-DATA = Path(__file__).resolve().parents[2] / "data"
+BUILTIN = Path(__file__).resolve().parent  # concepts/ and prompts/ beside this module (package data)
 MIN_PER_CLASS = 4  # difference-in-means and steering need a few examples of each class
 SPLITS = ("train", "test")
 
@@ -103,15 +104,15 @@ class Concept:
 
 
 def data_file(kind: str, spec: str | Path, suffixes: tuple[str, ...]) -> Path:
-    """A path as given, or a built-in name looked up in ``data/<kind>/``."""
+    """A path as given, or a built-in name looked up in ``interp/data/<kind>/``."""
     path = Path(spec).expanduser()
     if path.is_file():
         return path
     for suffix in suffixes:
-        candidate = DATA / kind / f"{spec}{suffix}"
+        candidate = BUILTIN / kind / f"{spec}{suffix}"
         if candidate.is_file():
             return candidate
-    builtin = sorted({p.name.split(".")[0] for p in (DATA / kind).glob("*") if p.suffix in suffixes}) if (DATA / kind).is_dir() else []
+    builtin = sorted({p.name.split(".")[0] for p in (BUILTIN / kind).glob("*") if p.suffix in suffixes}) if (BUILTIN / kind).is_dir() else []
     raise InputError(f"{spec!r} is neither a file nor a built-in {kind[:-1]} (built-in: {', '.join(builtin) or 'none found'})")
 
 

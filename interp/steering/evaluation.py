@@ -2,7 +2,7 @@
 
 - concept scores per text: ``VaderScorer`` (VADER's compound sentiment, -1 .. 1, from the
   ``vaderSentiment`` package) and ``LexiconScorer`` (topic words per 100 words, word lists in
-  ``data/concepts/<name>.words.txt``); ``make_scorer`` picks one from a spec;
+  ``interp/data/concepts/<name>.words.txt``); ``make_scorer`` picks one from a spec;
 - fluency: ``continuation_nll`` scores each continuation under the model with no intervention
   active; ``perplexity`` pools it over continuations (exp of the mean NLL per token);
 - repetition: ``distinct_n`` (distinct word n-grams / all n-grams): steering that breaks a model

@@ -35,10 +35,10 @@ class SteerConfig:
     concept: str = opt("sentiment", "concept: a JSONL file (text + label, or positive + negative pairs) or a built-in "
                                     "name (sentiment, sentiment_pairs, wedding, space)")
     model: str = opt("smollm2-135m", "embedded name, HF folder or hub id")
-    layer: int = opt(6, "layer of the steered site")
+    layer: int = opt(9, "layer of the steered site (9: best for sentiment on SmolLM2's development prompts)")
     site: str = opt("resid_post", "site kind (resid_post, mlp_out, attn_out, ...) or a full site name")
     method: str = opt("diff-means", "direction: diff-means, probe or sae (a comma-separated list compares them in a sweep)")
-    strength: float = opt(0.5, "strength in --units (negative pushes away from the concept)")
+    strength: float = opt(0.25, "strength in --units (negative pushes away from the concept)")
     units: str = opt("norm", "norm: multiples of the site's mean activation norm; absolute: the added vector's norm")
     positions: str = opt("all", "where to add: all, prompt (prompt tokens only) or generated (new tokens only)")
     prompt: str | None = opt(None, "a prompt to continue (or use --prompts)")
