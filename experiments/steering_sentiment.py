@@ -5,9 +5,11 @@
 1. Development (``interp/data/prompts/neutral_dev.txt``, 30 prompts): difference-in-means vectors at
    several layers and strengths; the layer is the one whose best strength raises the mean VADER
    compound most while keeping perplexity within ``--max-ppl-ratio`` times the unsteered one.
-2. An SAE on that layer (``interp.dictionary.train``, harvesting the store if needed); its latent
-   that fires most more on the positive texts than on the negative ones gives the SAE direction.
-   The logistic probe at that layer (trained on 75% of the sentiment texts) gives the probe direction.
+2. An SAE on that layer (``interp.dictionary.train``, harvesting the store if needed). Its
+   ``--sae-candidates`` latents with the largest effect size on the sentiment texts (positive vs
+   negative) are tried on the development prompts; the one with the largest VADER gain within the
+   same perplexity bound gives the SAE direction. The logistic probe at that layer (trained on 75%
+   of the sentiment texts) gives the probe direction.
 3. Held-out report (``interp/data/prompts/neutral_test.txt``, 60 prompts): every direction at every
    strength of ``--strengths`` (units: multiples of the layer's mean activation norm), greedy
    decoding; table, plot and generations in ``OUT/test``.
@@ -34,6 +36,7 @@ def main() -> None:
     parser.add_argument("--sae-tokens", default="400k")
     parser.add_argument("--sae-latents", type=int, default=4096)
     parser.add_argument("--sae-k", type=int, default=32)
+    parser.add_argument("--sae-candidates", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -50,23 +53,29 @@ def main() -> None:
     vader = VaderScorer()
     common = dict(scorer=vader, max_new_tokens=args.new_tokens, units="norm")
 
-    # 1. development: choose the layer
     dev_prompts = load_prompts("neutral_dev")
+    dev_strengths = [float(v) for v in args.dev_strengths.split(",")]
+
+    def dev_gain(name, vector, norm, folder):
+        """Best VADER gain on the development prompts within the perplexity bound, and its strength."""
+        table = sweep(model, {name: vector}, dev_strengths, dev_prompts, mean_norms={vector.site: norm}, out=folder, **common).table
+        base = table[table["method"] == "unsteered"].iloc[0]
+        ok = table[(table["method"] != "unsteered") & (table["perplexity"] <= args.max_ppl_ratio * base["perplexity"])]
+        if not len(ok):
+            return float("-inf"), None, base
+        best = ok.loc[ok["score"].idxmax()]
+        return float(best["score"] - base["score"]), float(best["strength"]), base
+
+    # 1. development: choose the layer
     choices = []
     for layer in [int(v) for v in args.dev_layers.split(",")]:
         site = model.site("resid_post", layer)
         norm = site_mean_norm(model, site, concept.texts)
-        result = sweep(model, {"diff-means": diff_in_means(model, concept, site)}, [float(v) for v in args.dev_strengths.split(",")],
-                       dev_prompts, mean_norms={site: norm}, out=args.out / "dev" / f"layer{layer}", **common)
-        table = result.table
-        base = table[table["method"] == "unsteered"].iloc[0]
-        ok = table[(table["method"] != "unsteered") & (table["perplexity"] <= args.max_ppl_ratio * base["perplexity"])]
-        best = ok.loc[ok["score"].idxmax()] if len(ok) else None
-        gain = float(best["score"] - base["score"]) if best is not None else float("-inf")
-        choices.append({"layer": layer, "mean_norm": norm, "best_strength": None if best is None else float(best["strength"]),
-                        "vader_gain": gain, "unsteered_vader": float(base["score"]), "unsteered_ppl": float(base["perplexity"])})
+        gain, strength, base = dev_gain("diff-means", diff_in_means(model, concept, site), norm, args.out / "dev" / f"layer{layer}")
+        choices.append({"layer": layer, "mean_norm": norm, "best_strength": strength, "vader_gain": gain,
+                        "unsteered_vader": float(base["score"]), "unsteered_ppl": float(base["perplexity"])})
         print(f"dev layer {layer}: unsteered VADER {base['score']:.3f}, best gain {gain:+.3f}"
-              f" at strength {choices[-1]['best_strength']} (perplexity <= {args.max_ppl_ratio}x unsteered)")
+              f" at strength {strength} (perplexity <= {args.max_ppl_ratio}x unsteered)")
     chosen = max(choices, key=lambda c: c["vader_gain"])
     layer = chosen["layer"]
     site = model.site("resid_post", layer)
@@ -80,14 +89,21 @@ def main() -> None:
         train(TrainConfig(layer=layer, k=str(args.sae_k), latents=args.sae_latents, tokens=args.sae_tokens, out=sae_dir))
     sae_metrics = json.loads((sae_dir / "metrics.json").read_text())[sae_name]
     sae = load_dictionary(sae_dir / sae_name)
-    ranking = concept_latents(model, sae, concept, top=10)
+    ranking = concept_latents(model, sae, concept, top=args.sae_candidates)
+    latent_gains = {}
+    for latent in ranking["latent"].tolist():
+        gain, strength, _ = dev_gain("sae-latent", latent_vector(sae, latent), chosen["mean_norm"], args.out / "dev" / f"sae-latent{latent}")
+        latent_gains[latent] = gain
+        print(f"dev SAE latent {latent}: best gain {gain:+.3f} at strength {strength}")
+    ranking["dev_vader_gain"] = ranking["latent"].map(latent_gains)
     ranking.to_csv(args.out / "sae_latents.csv", index=False)
+    latent = max(latent_gains, key=latent_gains.get)
     probes = train_probes(model, concept, [site], methods=["logistic"], progress=False)
     probe = probes.probe(site, "logistic")
     vectors = {
         "diff-means": diff_in_means(model, concept, site),
         "probe": probe_vector(probe),
-        "sae-latent": latent_vector(sae, int(ranking["latent"].iloc[0]), name=str(sae_dir / sae_name)),
+        "sae-latent": latent_vector(sae, int(latent), name=str(sae_dir / sae_name)),
     }
     cosines = {a: {b: round(float(va.direction @ vb.direction), 3) for b, vb in vectors.items()} for a, va in vectors.items()}
     print(f"SAE {sae_name} at {site}: FVU {sae_metrics['fvu']:.3f}, L0 {sae_metrics['l0']:.1f}, dead {sae_metrics['dead_fraction']:.1%}, "

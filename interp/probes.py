@@ -178,7 +178,7 @@ class ProbeResults:
             fig.add_scatter(x=rows["layer"], y=rows["test_auroc"], mode="lines", line={"dash": "dot"}, name=f"{label} AUROC")
         n_test = int(self.table["n_test"].iloc[0]) if len(self.table) else 0
         fig.update_layout(title=f"Probes for {self.concept or 'the concept'}: held-out accuracy per layer ({n_test} held-out examples)",
-                          xaxis_title="layer", yaxis_title="held-out accuracy / AUROC", yaxis_range=[0.4, 1.02],
+                          xaxis_title="layer", yaxis_title="held-out accuracy / AUROC",
                           template="plotly_white")
         return fig
 

@@ -154,7 +154,8 @@ def test_latent_and_probe_vectors(model):
     with pytest.raises(InputError, match="latent 32 out of range 0..31"):
         latent_vector(dictionary, 32)
     concept = Concept("c", ["abc de", "fgh", "ijkl mn", "opq", "rs tu", "vwx", "yz ab", "cd"], [1, 0, 1, 0, 1, 0, 1, 0])
-    ranking = concept_latents(model, dictionary, concept, reduce="last", top=3)
+    ranking = concept_latents(model, dictionary, concept, reduce="last", by="difference", top=3)
+    by_effect = concept_latents(model, dictionary, concept, reduce="last", top=3)
     # Independent: encode each text's last-token activation from a plain hook, average per class.
     captured = []
     handle = model.module.model.layers[L].register_forward_hook(lambda _m, _i, out: captured.append((out[0] if isinstance(out, tuple) else out).detach()))
@@ -168,6 +169,9 @@ def test_latent_and_probe_vectors(model):
     diff = codes[labels == 1].mean(0) - codes[labels == 0].mean(0)
     assert ranking["latent"].tolist() == diff.argsort(descending=True)[:3].tolist()
     np.testing.assert_allclose(ranking["difference"], diff.sort(descending=True).values[:3].numpy(), rtol=1e-4, atol=1e-6)
+    pos, neg = codes[labels == 1], codes[labels == 0]
+    effect = diff / ((pos.var(0) + neg.var(0)) / 2).sqrt().clamp_min(1e-6)
+    assert by_effect["latent"].tolist() == effect.argsort(descending=True)[:3].tolist()
     from interp.probes import fit_probe
 
     probe = fit_probe(torch.randn(40, d), [0, 1] * 20, "diff-means", site=SITE)

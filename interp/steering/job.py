@@ -46,7 +46,7 @@ class SteerConfig:
     sweep: str | None = opt(None, "comma-separated strengths, e.g. 0,0.25,0.5,1 (use --sweep=-1,0,1 for negatives): "
                                   "writes table, plot and generations to --out")
     sae: Path | None = opt(None, "dictionary folder (from train-sae) for --method sae")
-    latent: int = opt(-1, "SAE latent to steer with; -1 picks the latent firing most more on the concept's positive texts")
+    latent: int = opt(-1, "SAE latent to steer with; -1 picks the one with the largest effect size (positive vs negative texts)")
     vector: Path | None = opt(None, "a saved steering vector (.safetensors from SteeringVector.save), instead of --method")
     ablate: bool = opt(False, "project the direction out of the site instead of adding it")
     reduce: str = opt("last", "a text's activation for building vectors: last token, or mean over tokens")
@@ -212,8 +212,10 @@ def _sae_latent(model: Model, concept: Concept, site: str, config: SteerConfig, 
     if latent < 0:
         ranking = concept_latents(model, dictionary, concept, reduce="mean", top=5, batch_size=config.batch_size)
         latent = int(ranking["latent"].iloc[0])
-        notes.append(f"sae: latent {latent} of {config.sae} (mean activation {ranking['mean_positive'].iloc[0]:.2f} on positive "
-                     f"texts, {ranking['mean_negative'].iloc[0]:.2f} on negative; runners-up {ranking['latent'].iloc[1:].tolist()})")
+        best = ranking.iloc[0]
+        notes.append(f"sae: latent {latent} of {config.sae}, the largest effect size on the concept's texts ({best['effect_size']:.2f}; "
+                     f"fires on {best['fires_positive']:.0%} of positive and {best['fires_negative']:.0%} of negative texts; "
+                     f"runners-up {ranking['latent'].iloc[1:].tolist()})")
     else:
         notes.append(f"sae: latent {latent} of {config.sae}")
     return latent_vector(dictionary, latent, name=str(config.sae))

@@ -142,14 +142,18 @@ def latent_vector(dictionary: SparseDictionary, latent: int, *, name: str = "") 
 
 
 def concept_latents(model: Model, dictionary: SparseDictionary, concept: Concept, *, reduce: Reduce = "mean",
-                    top: int = 10, batch_size: int = 32) -> pd.DataFrame:
-    """Latents of ``dictionary`` ranked by mean activation on positive texts minus negative ones.
+                    by: Literal["effect", "difference"] = "effect", top: int = 10, batch_size: int = 32) -> pd.DataFrame:
+    """Latents of ``dictionary`` that fire more on the concept's positive texts than on its negative ones.
 
     Latent activations are taken per token and then reduced like ``concept_activations`` (so
     ``"mean"`` is the mean latent activation over each text's tokens, first token left out).
-    Columns: latent, mean_positive, mean_negative, difference, fires_positive, fires_negative
-    (share of texts where the reduced activation is > 0).
+    Ranked ``by`` the effect size (the difference of the class means over their pooled standard
+    deviation, default) or the raw difference; the raw difference favours dense latents that fire
+    strongly on nearly every text. Columns: latent, mean_positive, mean_negative, difference,
+    effect_size, fires_positive, fires_negative (share of texts where the reduced activation is > 0).
     """
+    if by not in ("effect", "difference"):
+        raise InputError(f"by={by!r}: choose effect or difference")
     concept.check()
     c = dictionary.config
     site = model.site_table.check(c.input_site)
@@ -163,11 +167,12 @@ def concept_latents(model: Model, dictionary: SparseDictionary, concept: Concept
     labels = torch.tensor(concept.labels)
     pos, neg = acts[labels == 1], acts[labels == 0]
     diff = pos.mean(0) - neg.mean(0)
-    order = diff.argsort(descending=True)[:top]
+    effect = diff / ((pos.var(0) + neg.var(0)) / 2).sqrt().clamp_min(1e-6)
+    order = (effect if by == "effect" else diff).argsort(descending=True)[:top]
     return pd.DataFrame({
         "latent": order.numpy(), "mean_positive": pos.mean(0)[order].numpy(), "mean_negative": neg.mean(0)[order].numpy(),
-        "difference": diff[order].numpy(), "fires_positive": (pos[:, order] > 0).float().mean(0).numpy(),
-        "fires_negative": (neg[:, order] > 0).float().mean(0).numpy(),
+        "difference": diff[order].numpy(), "effect_size": effect[order].numpy(),
+        "fires_positive": (pos[:, order] > 0).float().mean(0).numpy(), "fires_negative": (neg[:, order] > 0).float().mean(0).numpy(),
     })
 
 
