@@ -335,5 +335,10 @@ def test_steer_command_side_by_side_and_sweep_folder(embedded, tmp_path):
                  "vectors/probe.safetensors", "generations/probe@-0.5.jsonl"):
         assert (out / name).exists(), name
     assert "probe: logistic regression at blocks.6.hook_resid_post, held-out accuracy" in swept.output
+    before = (out / "config.json").read_text()
+    other = runner.invoke(app, ["steer", "--prompts", str(prompts), "--layer", "7", "--method", "diff-means,probe", "--sweep", "0.5",
+                                "--max-new-tokens", "6", "--out", str(out)])
+    assert other.exit_code == 2 and "other settings (layer differ)" in other.output
+    assert (out / "config.json").read_text() == before  # nothing overwritten
     layer = runner.invoke(app, ["steer", "--prompt", "Hi", "--layer", "30"])
     assert layer.exit_code == 2 and "--layer 30 is out of range: smollm2-135m has layers 0-29" in layer.output

@@ -7,6 +7,7 @@ either generates side by side (one strength) or runs a strength sweep into an ou
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from interp.config import opt, write_config
+from interp.config import config_dict, opt, write_config
 from interp.data.concepts import Concept, load_concept, load_prompts
 from interp.errors import InputError
 from interp.probes import MIN_PROBE_PER_CLASS, REDUCTIONS, fit_probe, probe_metrics
@@ -114,6 +115,8 @@ def run_steer(config: SteerConfig, model: Model | None = None) -> SteerOutput | 
     from interp.models import load_model
 
     config.check()
+    if config.sweep is not None:
+        _check_resumable(config, config.out or Path("runs/steer"))
     concept = load_concept(config.concept) if config.vector is None or config.units == "norm" else None
     if concept is not None and config.vector is None:
         concept.check()
@@ -155,6 +158,19 @@ def run_steer(config: SteerConfig, model: Model | None = None) -> SteerOutput | 
         output.side_by_side.to_json(config.out / "generations.jsonl", orient="records", lines=True, force_ascii=False)
         output.summary.to_csv(config.out / "summary.csv", index=False)
     return output
+
+
+def _check_resumable(config: SteerConfig, out: Path) -> None:
+    """A sweep folder may be run again with more strengths or methods; any other change is refused
+    before anything in it is overwritten."""
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    old, new = json.loads(path.read_text()), config_dict(config)
+    changed = sorted(k for k in set(old) | set(new) if k not in ("sweep", "method") and old.get(k) != new.get(k))
+    if changed:
+        raise InputError(f"{out} holds a sweep run with other settings ({', '.join(changed)} differ); "
+                         "use another --out, or delete it to start over")
 
 
 def _site(model: Model, config: SteerConfig) -> str:
