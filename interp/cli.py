@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import types
 import typing
 from collections.abc import Callable
@@ -577,8 +578,98 @@ def neurons_clamp_cmd(config: NeuronsClampConfig) -> None:
         typer.echo(f"{row.prompt!r}\n  clean:   {row.clean!r}\n  clamped: {row.clamped!r}")
     if config.out:
         write_config(config, config.out)
-        (config.out / "clamp.json").write_text(json.dumps({**summary, "generations": result.generations.to_dict("records")}, indent=1))
+        write_json(config.out / "clamp.json", {**summary, "generations": result.generations.to_dict("records")})
         typer.echo(f"wrote {config.out}/clamp.json")
+
+
+@dataclass
+class ProbeConfig:
+    concept: str = opt("sentiment", "concept: a JSONL file (text + label, or positive + negative pairs) or a built-in "
+                                    "name (sentiment, sentiment_pairs, wedding, space)")
+    model: str = opt("smollm2-135m", "embedded name, HF folder or hub id")
+    layers: str = opt("all", "layers to probe: all, a range like 4-12, or a list like 3,6,9")
+    site: str = opt("resid_post", "site kind probed at each layer (resid_post, mlp_out, attn_out, ...)")
+    methods: str = opt("logistic,diff-means", "probe methods: logistic, diff-means")
+    reduce: str = opt("last", "a text's activation: last token, or mean over tokens")
+    test_fraction: float = opt(0.25, "share of each class held out (unless the file gives splits)")
+    seed: int = opt(0, "seed for the held-out split")
+    C: float = opt(1.0, "logistic regression: inverse L2 penalty")
+    out: Path = opt(Path("runs/probe"), "folder for config.json, table.csv, accuracy.html and probes.safetensors")
+
+
+@command(ProbeConfig, "probe")
+def probe_cmd(config: ProbeConfig) -> None:
+    """Train probes per layer on a concept's texts: held-out accuracy and AUROC table, and a plot."""
+    from interp.data.concepts import load_concept
+    from interp.models import load_model
+    from interp.probes import MIN_PROBE_PER_CLASS, REDUCTIONS, check_method, train_probes
+
+    methods = [check_method(m.strip()) for m in config.methods.split(",") if m.strip()]
+    if config.reduce not in REDUCTIONS:
+        raise InputError(f"--reduce {config.reduce!r}: choose one of {', '.join(REDUCTIONS)}")
+    concept = load_concept(config.concept)
+    concept.check(MIN_PROBE_PER_CLASS, "a probe")
+    model = load_model(config.model)
+    layers = parse_layers(config.layers, model.cfg.n_layers)
+    sites = [model.site(config.site, layer) for layer in layers]
+    result = train_probes(model, concept, sites, methods=methods, reduce=config.reduce, test_fraction=config.test_fraction,
+                          seed=config.seed, C=config.C)
+    write_config(config, config.out)
+    result.save(config.out)
+    table = result.table
+    wide = table.pivot(index="layer", columns="method", values=["test_accuracy", "test_auroc"])
+    wide.columns = [f"{method} {metric.replace('test_', 'held-out ')}" for metric, method in wide.columns]
+    typer.echo(f"{concept!r}: {int(table['n_train'].iloc[0])} training and {int(table['n_test'].iloc[0])} held-out texts, "
+               f"{config.reduce} token, {config.site}")
+    typer.echo(wide.round(3).to_string())
+    typer.echo(f"wrote {config.out}/table.csv, accuracy.html, probes.safetensors (+ .json), config.json")
+
+
+from interp.steering.job import SteerConfig  # noqa: E402
+
+
+@command(SteerConfig, "steer")
+def steer_cmd(config: SteerConfig) -> None:
+    """Steer generations with a concept direction: side by side for one strength, a table + plot folder for --sweep."""
+    from interp.steering.job import run_steer
+    from interp.steering.sweep import SweepResult
+
+    result = run_steer(config)
+    for note in result.notes:
+        typer.echo(note)
+    if isinstance(result, SweepResult):
+        out = config.out or Path("runs/steer")
+        shown = result.side_by_side(prompts=range(3))
+        _print_side_by_side(shown.drop(columns="prompt_index"), f"first prompts, {shown.columns[3].rsplit(' ', 1)[0]}")
+        table = result.table.drop(columns=["tokens"]).rename(columns={"score": "score (mean)"})
+        typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        typer.echo(f"score: {result.score_name}; perplexity of the continuations under the unsteered model")
+        typer.echo(f"wrote {out}/table.csv, sweep.html, generations.jsonl, generations/, vectors/, config.json")
+        return
+    table = result.side_by_side
+    shown = table[["prompt", "unsteered", "steered"]].copy()
+    for column in ("unsteered", "steered"):
+        scores = table[f"{column}_score"]
+        if scores.notna().any():
+            shown[column] = [f"{text}  [{score:+.2f}]" for text, score in zip(table[column], scores, strict=True)]
+    _print_side_by_side(shown, f"strength {config.strength:g} ({config.units})" if not config.ablate else "direction projected out")
+    typer.echo(result.summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if config.out is not None:
+        typer.echo(f"wrote {config.out}/generations.jsonl, summary.csv, vectors/, config.json")
+
+
+def _print_side_by_side(table: Any, title: str) -> None:
+    import shutil
+
+    from rich.console import Console
+    from rich.table import Table
+
+    view = Table(title=title, show_lines=True)
+    for column in table.columns:
+        view.add_column(str(column), overflow="fold", ratio=1 if column == "prompt" else 2)
+    for row in table.itertuples(index=False):
+        view.add_row(*[str(v) for v in row])
+    Console(width=max(100, shutil.get_terminal_size((160, 40)).columns), soft_wrap=False).print(view)
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from interp.errors import ArchitectureError, InputError
 from interp.lens.readout import norm_info, unembedding, vocabulary
-from interp.paths import resource_json
+from interp.paths import resource_json, write_text
 
 if TYPE_CHECKING:
     from interp.models.model import Model
@@ -263,7 +263,7 @@ def write_neuron_table(table: pd.DataFrame, folder: str | Path, *, title: str = 
                   [index[int(i)] for i in r.bottom_ids[:html_tokens]]] for r in table.itertuples()],
     }
     page = folder / "neurons.html"
-    page.write_text(_PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", json.dumps(data, separators=(",", ":"))))
+    write_text(page, _PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", json.dumps(data, separators=(",", ":"))))
     return parquet, page
 
 

@@ -139,14 +139,19 @@ def _holder(path: Path) -> str:
         return "another process"
 
 
-def resource_json(name: str) -> Any:
-    """A JSON file of the repository's data/ folder, read from the installed package
-    ``interp.resources`` (data/ ships as package data, so this works from a wheel too)."""
+def resource_dir() -> Path:
+    """The repository's data/ folder as installed: the package ``interp.resources`` (data/ ships
+    as its package data, so a wheel install has it too)."""
     from importlib import resources
 
+    return Path(str(resources.files("interp.resources")))
+
+
+def resource_json(name: str) -> Any:
+    """A JSON file of data/, read from the installed package."""
     from interp.errors import InputError
 
-    path = resources.files("interp.resources").joinpath(*name.split("/"))
+    path = resource_dir().joinpath(*name.split("/"))
     if not path.is_file():
         raise InputError(f"data/{name} is missing from the installed package interp.resources (an install without its package data?)")
     return json.loads(path.read_text(encoding="utf-8"))

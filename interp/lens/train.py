@@ -36,6 +36,7 @@ from interp.errors import InputError
 from interp.lens.metrics import check_store, evaluate_lenses, kl_and_grad
 from interp.lens.readout import Readout
 from interp.lens.translators import RESID_KINDS, AffineLens, final_site
+from interp.paths import write_text
 
 if TYPE_CHECKING:
     from interp.models.model import Model
@@ -316,5 +317,5 @@ def held_out_report(config: LensTrainConfig, lens: AffineLens, *, model: Model, 
     _, held_rows = split_rows(store, config.holdout)
     table = evaluate_lenses(model, store, {"logit": None, lens.kind: lens}, lens.sites, held_rows,
                             batch_size=config.eval_batch, progress=progress)
-    (config.out / "metrics.json").write_text(table.to_json(orient="records", indent=1))
+    write_text(config.out / "metrics.json", table.to_json(orient="records", indent=1))
     return table

@@ -258,11 +258,27 @@ class Model:
         prepend_bos: bool | None = None,
     ) -> list[str]:
         """Continue each prompt (greedy when ``temperature == 0``); returns only the new text."""
+        _, new = self.generate_tokens(prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                      interventions=interventions, prepend_bos=prepend_bos)
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def generate_tokens(
+        self,
+        prompts: TokenInput,
+        max_new_tokens: int = 32,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        interventions: Sequence[Intervention] = (),
+        prepend_bos: bool | None = None,
+    ) -> tuple[Tokens, torch.Tensor]:
+        """``generate`` as token ids: the left-padded prompts and the new tokens [batch, new]
+        (rows that stop early are padded with the pad token after their end-of-sequence token)."""
         tokens = self.tokenize(prompts, prepend_bos=prepend_bos, padding_side="left")
         with self.intervene(*interventions), torch.no_grad(), _seeded(seed):
             out = self._generate_ids(tokens, max_new_tokens, temperature, top_p)
-        new = out[:, tokens.ids.shape[1] :]
-        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return tokens, out[:, tokens.ids.shape[1] :]
 
     def _generate_ids(self, tokens: Tokens, max_new_tokens: int, temperature: float, top_p: float) -> torch.Tensor:
         raise NotImplementedError

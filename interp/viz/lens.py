@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from interp.paths import write_text
+
 if TYPE_CHECKING:
     from interp.dla import DLAResult
     from interp.lens.logit import LensResult
@@ -94,10 +96,9 @@ def write_figures(path: str | Path, figures: list, title: str = "interp") -> Pat
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     bodies = [fig.to_html(full_html=False, include_plotlyjs=False) for fig in figures]
-    (path.parent / "plotly.min.js").write_text(_plotly_js())
-    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
+    write_text(path.parent / "plotly.min.js", _plotly_js())
+    return write_text(path, f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
                     f"<script src='plotly.min.js'></script></head><body>{''.join(bodies)}</body></html>")
-    return path
 
 
 def _plotly_js() -> str:
