@@ -308,5 +308,16 @@ def patch_cmd(config: PatchConfig) -> None:
     typer.echo(f"{len(result.table)} cells in {result.seconds:.1f} s; wrote {config.out}/cells.csv and heatmap.html")
 
 
+from interp.snmf.job import SNMFJobConfig  # noqa: E402
+
+
+@command(SNMFJobConfig, "snmf")
+def snmf_cmd(config: SNMFJobConfig) -> None:
+    """Factorise a layer's MLP activations with SNMF (recursively for --k 400,100,25): held-out error, feature table and page."""
+    from interp.snmf.job import run_snmf
+
+    run_snmf(config)
+
+
 def main() -> None:
     app()
