@@ -139,14 +139,14 @@ def test_coefficients_solve_nonnegative_least_squares():
     result = fit(TensorActivations(A[:2000]), SNMFConfig(k=8, sparsity=4 / 128, max_iter=40), progress=False)
     snmf = SNMF.from_fit(result, SNMFConfig(k=8), {"source": "tensor", "n": 2000, "d": 128})
     held_out = A[2000:2100]
-    Y = snmf.coefficients(held_out, n_iter=500)
+    Y = snmf.coefficients(held_out)
     assert bool((Y >= 0).all())
     Zd = snmf.Z.double().numpy()
     for row in range(0, 100, 10):  # scipy's active-set NNLS is the reference optimum
         _, best = nnls(Zd, held_out[row].double().numpy())
         mine = float(np.linalg.norm(Zd @ Y[row].double().numpy() - held_out[row].double().numpy()))
         assert mine <= best * 1.001 + 1e-6
-    scores = evaluate(snmf, TensorActivations(held_out), n_iter=500)
+    scores = evaluate(snmf, TensorActivations(held_out))
     expected = direct_error(held_out, Y, snmf.Z) / float((held_out.double() ** 2).sum())
     assert scores["relative_error"] == pytest.approx(expected, rel=1e-3)
 

@@ -128,15 +128,22 @@ def winner_take_all(Z: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 def multiplicative_update(Y: torch.Tensor, P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """One semi-NMF update of Y [b, k] ≥ 0 given P = A·Z [b, k] and Q = ZᵀZ [k, k]."""
-    Qpos, Qneg = Q.clamp(min=0), (-Q).clamp(min=0)
-    numerator = P.clamp(min=0) + Y @ Qneg
-    denominator = (-P).clamp(min=0) + Y @ Qpos
-    # Written so that nothing overflows or meets 0 * inf: 0/0 (a feature whose column of Z is
-    # zero) leaves Y as it is, and an exact zero stays zero. Entries that fall below 1e-30 become
-    # zero: in float32 they only approach denormals, which are slow on CPUs.
-    Y = Y * torch.sqrt(numerator + TINY) * torch.rsqrt(denominator + TINY)
-    return Y.masked_fill_(Y < 1e-30, 0.0)
+    """One semi-NMF update of Y [b, k] ≥ 0 given P = A·Z [b, k] and Q = ZᵀZ [k, k] (a new tensor).
+
+    In place where possible: these are the only elementwise passes of an iteration over
+    [tokens, k] tensors, and fresh tensors cost page faults. Nothing overflows or meets 0 * inf:
+    0/0 (a feature whose column of Z is zero) leaves Y as it is, and an exact zero stays zero.
+    Entries below 1e-30 become zero: in float32 they only approach denormals, slow on CPUs.
+    """
+    k = Q.shape[0]
+    terms = Y @ torch.cat([(-Q).clamp(min=0), Q.clamp(min=0)], 1)  # [b, 2k]: Y·Q⁻ | Y·Q⁺
+    numerator, denominator = terms[:, :k], terms[:, k:]
+    positive = P.clamp(min=0)
+    numerator.add_(positive).clamp_min_(TINY).sqrt_()
+    denominator.add_(positive).sub_(P).clamp_min_(TINY).rsqrt_()  # P⁻ = P⁺ − P
+    out = Y * numerator
+    out.mul_(denominator)
+    return torch.nn.functional.threshold_(out, 1e-30, 0.0)
 
 
 # ------------------------------------------------------------------------ Y storage
@@ -226,13 +233,13 @@ def fit(source: Activations, config: SNMFConfig, *, workdir: str | Path | None =
             (folder / STATE).unlink(missing_ok=True)
     slots = YSlots(source.n, config.k, device, folder, reopen=state is not None)
     keep = config.kept(source.d)
-    started = time.perf_counter()
-
     if state is None:
+        started = time.perf_counter()
         make_y0 = _initialiser(source, config, device)
         sums, a2, col_sum = _first_pass(source, config, device, slots, make_y0)
         state = {"iteration": 0, "cur": 0, "best": -1, "best_error": math.inf, "best_iteration": 0, "since_improvement": 0,
-                 "history": [], "a2": a2, "centred": a2 - float((col_sum.double() ** 2).sum()) / source.n, "seconds": 0.0}
+                 "history": [], "a2": a2, "centred": a2 - float((col_sum.double() ** 2).sum()) / source.n,
+                 "init_seconds": time.perf_counter() - started, "iteration_seconds": []}
         tensors = {"AtY": sums.AtY, "YtY": sums.YtY, "Z_best": torch.zeros(source.d, config.k), "YtY_best": sums.YtY.clone()}
         if folder is not None:
             _save_state(folder, identity, state, tensors)
@@ -241,6 +248,7 @@ def fit(source: Activations, config: SNMFConfig, *, workdir: str | Path | None =
         tensors = {name: t.to(device) for name, t in tensors.items()}
     bar = tqdm(total=config.max_iter, initial=state["iteration"], desc=f"snmf k={config.k}", disable=not progress, unit="it")
     while state["iteration"] < config.max_iter and state["since_improvement"] < config.patience:
+        started = time.perf_counter()
         Z = winner_take_all(ridge_solve(tensors["AtY"], tensors["YtY"], config.ridge), keep)
         scale = tensors["YtY"].diagonal().sqrt().float().clamp_min(TINY)
         Z = Z * scale
@@ -252,6 +260,7 @@ def fit(source: Activations, config: SNMFConfig, *, workdir: str | Path | None =
             raise TrainingError(f"the SNMF error became {error} at iteration {state['iteration'] + 1}; "
                                 "try a larger ridge or another init")
         error = max(error, 0.0)  # rounding can take an exact fit a hair below zero
+        state["iteration_seconds"].append(time.perf_counter() - started)
         state["iteration"] += 1
         state["cur"] = target
         state["history"].append(error)
@@ -263,8 +272,6 @@ def fit(source: Activations, config: SNMFConfig, *, workdir: str | Path | None =
             state.update(best=target, best_error=error, best_iteration=state["iteration"])
             tensors["Z_best"], tensors["YtY_best"] = Z, sums.YtY
         tensors["AtY"], tensors["YtY"] = sums.AtY, sums.YtY
-        state["seconds"] += time.perf_counter() - started
-        started = time.perf_counter()
         if folder is not None:  # Y's slots are shared file maps: the kernel writes them even if we are killed
             _save_state(folder, identity, state, tensors)
         bar.update(1)
@@ -351,8 +358,8 @@ def _first_pass(source: Activations, config: SNMFConfig, device: torch.device, s
         Y = make_y0(start, A)
         slots.write(0, start, Y)
         sums.add(A, Y)
-        a2 += (A.double() ** 2).sum()
-        col_sum += A.sum(0, dtype=torch.float64)
+        a2 += torch.linalg.vector_norm(A, dim=1).double().pow(2).sum()  # per-row norms: no [b, d] temporary
+        col_sum += A.sum(0).double()
     return sums, float(a2), col_sum
 
 
@@ -367,7 +374,7 @@ def _update_pass(source: Activations, config: SNMFConfig, device: torch.device, 
         Y = multiplicative_update(Y, P, Q)
         slots.write(write, start, Y)
         sums.add(A, Y)
-        sums.PY += (P * Y).sum(dtype=torch.float64)
+        sums.PY += P.mul_(Y).sum(1).double().sum()  # ⟨AZ, Y⟩, per-row sums in float32
     return sums
 
 
@@ -399,7 +406,8 @@ def _finish(source: Activations, config: SNMFConfig, device: torch.device, slots
         "error": state["best_error"], "relative_error": state["best_error"] / max(state["a2"], TINY),
         "fvu": state["best_error"] / max(state["centred"], TINY),
         "history": [e / max(state["a2"], TINY) for e in state["history"]],
-        "dead_features": int((Z.abs().sum(0) == 0).sum()), "seconds": state["seconds"],
+        "dead_features": int((Z.abs().sum(0) == 0).sum()), "init_seconds": state["init_seconds"],
+        "iteration_seconds": state["iteration_seconds"], "seconds": state["init_seconds"] + sum(state["iteration_seconds"]),
         "neurons_per_feature": config.kept(source.d), "n": source.n, "d": source.d,
     }
     if folder is not None:
