@@ -352,3 +352,16 @@ def test_snmf_command(tmp_path, tiny_store):
     assert too_many.exit_code == 2 and "k must not exceed the number of tokens" in too_many.output
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_fit_matches_cpu(tmp_path):
+    A, _, _ = planted(12, density=0.2)
+    A = A + 0.05 * torch.randn(A.shape, generator=torch.Generator().manual_seed(4))
+    store = write_arrays(tmp_path / "store", {"blocks.0.mlp.hook_post": A}, rows_per_shard=1000)
+    config = SNMFConfig(k=8, sparsity=4 / 128, max_iter=20, chunk_size=700)
+    cpu = fit(StoreActivations(store, "blocks.0.mlp.hook_post"), config, progress=False)
+    gpu = fit(StoreActivations(store, "blocks.0.mlp.hook_post", cache=True), SNMFConfig(**{**config.__dict__, "device": "cuda"}),
+              workdir=tmp_path / "w", progress=False)
+    np.testing.assert_allclose(gpu.info["history"], cpu.info["history"], rtol=1e-3)
+    torch.testing.assert_close(gpu.Z, cpu.Z, rtol=1e-3, atol=1e-3 * float(cpu.Z.abs().max()))

@@ -88,7 +88,7 @@ class SNMFConfig:
 
     def kept(self, d: int) -> int:
         """Neurons each feature keeps."""
-        return max(1, math.ceil(self.sparsity * d))
+        return max(1, math.ceil(round(self.sparsity * d, 9)))  # round: 0.05 * 100 is 5.000000000000001
 
 
 @dataclass

@@ -22,7 +22,7 @@ import pandas as pd
 from interp.config import opt, parse_count, write_config
 from interp.errors import InputError
 from interp.paths import interp_home
-from interp.snmf.core import SNMFConfig, check_finite
+from interp.snmf.core import STATE, SNMFConfig, check_finite
 from interp.snmf.data import StoreActivations
 from interp.snmf.factors import SNMF, evaluate, fit_recursive, hierarchy_table
 from interp.snmf.report import feature_reports, feature_table, reports_json, write_feature_page
@@ -102,6 +102,8 @@ def run_snmf(config: SNMFJobConfig, *, model: Any = None, progress: bool = True)
     finished = _level_folder(config.out, 0, ks[0]) / "snmf.json"
     if finished.exists() and not config.resume:
         raise InputError(f"{config.out} already holds a fit; pass --resume to reuse it or choose another --out")
+    if (_level_folder(config.out, 0, ks[0]) / STATE).exists() and not config.resume:
+        raise InputError(f"{config.out} holds an interrupted fit; pass --resume to continue it or choose another --out")
     model = model if model is not None else load_model(config.model, device=config.device)
     site = mlp_site(model, config.site, config.layer)
     path = config.store or interp_home() / "stores" / (
