@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--store", required=True)
     parser.add_argument("--layer", type=int, default=12)
     parser.add_argument("--ks", default="25,50,100,200,400")
-    parser.add_argument("--inits", default="random")
+    parser.add_argument("--inits", default="kmeans")
     parser.add_argument("--tokens", default="100k")
     parser.add_argument("--heldout", default="32k", help="rows in each of the dev and test splits")
     parser.add_argument("--split", default="test", choices=["dev", "test"])
@@ -67,7 +67,7 @@ def main() -> None:
         for k in ks:
             start = time.perf_counter()
             config = SNMFConfig(k=k, init=init, max_iter=args.max_iter, patience=args.patience, seed=args.seed)
-            snmf = fit_snmf(train, config)
+            snmf = fit_snmf(train, config, progress=False)
             scores = evaluate(snmf, held)
             row = {"init": init, "k": k, "iterations": snmf.info["iterations"], "best_iteration": snmf.info["best_iteration"],
                    "train_relative_error": snmf.info["relative_error"], "train_fvu": snmf.info["fvu"],

@@ -167,7 +167,7 @@ def test_recursive_snmf_groups_fine_features_under_their_parents():
             fine[perm[10 * c + 4 + 2 * i : 10 * c + 6 + 2 * i], j] = 1 + torch.rand(2, generator=g)
     Y = torch.rand(n, 9, generator=g) * (torch.rand(n, 9, generator=g) < 0.1)
     A = Y @ fine.T
-    levels = fit_recursive(TensorActivations(A), [9, 3], SNMFConfig(max_iter=200, patience=30),
+    levels = fit_recursive(TensorActivations(A), [9, 3], SNMFConfig(init="random", max_iter=200, patience=30),
                            sparsities=[6 / 128, 10 / 128], progress=False)
     assert [level.k for level in levels] == [9, 3] and levels[0].info["relative_error"] < 0.05
     # (within a group, other bases of shared-neuron features fit as well: no unique fine features)

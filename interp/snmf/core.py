@@ -57,7 +57,7 @@ class SNMFConfig:
 
     k: int = 100
     sparsity: float = 0.01  # p: each feature keeps ceil(p * d) neurons
-    init: str = "random"  # random, svd or kmeans
+    init: str = "kmeans"  # random, svd or kmeans (kmeans: lowest dev-set error, see the README)
     max_iter: int = 300
     patience: int = 20
     tol: float = 1e-4

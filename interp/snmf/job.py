@@ -35,7 +35,7 @@ class SNMFJobConfig:
     site: str = opt("mlp_post", "site: the MLP hidden activation, mlp_post or blocks.L.mlp.hook_post")
     k: str = opt("100", "features; a decreasing comma-separated list (e.g. 400,100,25) fits recursive SNMF")
     sparsity: float = opt(0.01, "fraction of the MLP's neurons each feature keeps (winner-take-all)")
-    init: str = opt("random", "initialisation: random, svd or kmeans")
+    init: str = opt("kmeans", "initialisation: kmeans, random or svd")
     tokens: int = opt(200_000, "tokens to factorise (e.g. 200k)", parse=parse_count)
     eval_tokens: int = opt(32_768, "held-out store rows for the held-out reconstruction error", parse=parse_count)
     store: Path | None = opt(None, "activation store (default: one per model/corpus/site under the cache dir, harvested if missing)")
