@@ -672,5 +672,16 @@ def _print_side_by_side(table: Any, title: str) -> None:
     Console(width=max(100, shutil.get_terminal_size((160, 40)).columns), soft_wrap=False).print(view)
 
 
+from interp.snmf.job import SNMFJobConfig  # noqa: E402
+
+
+@command(SNMFJobConfig, "snmf")
+def snmf_cmd(config: SNMFJobConfig) -> None:
+    """Factorise a layer's MLP activations with SNMF (recursively for --k 400,100,25): held-out error, feature table and page."""
+    from interp.snmf.job import run_snmf
+
+    run_snmf(config)
+
+
 def main() -> None:
     app()
