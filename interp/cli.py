@@ -508,7 +508,7 @@ def dla_cmd(config: DLAConfig) -> None:
     if not result.latents.empty:
         typer.echo(result.latents.head(config.top).to_string(index=False))
     write_config(config, config.out)
-    result.table.to_csv(config.out / "components.csv", index=False)
+    atomic_write(config.out / "components.csv", lambda tmp: result.table.to_csv(tmp, index=False))
     write_figures(config.out / "dla.html", [result.figure()], "direct logit attribution")
     typer.echo(f"wrote {config.out}/components.csv and dla.html")
 

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from interp.errors import ArchitectureError, InputError
 from interp.lens.readout import norm_info, unembedding, vocabulary
-from interp.paths import resource_json, write_text
+from interp.paths import atomic_write, resource_json, write_text
 
 if TYPE_CHECKING:
     from interp.models.model import Model
@@ -250,7 +250,7 @@ def write_neuron_table(table: pd.DataFrame, folder: str | Path, *, title: str = 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     parquet = folder / "neurons.parquet"
-    table.to_parquet(parquet, index=False)
+    atomic_write(parquet, lambda tmp: table.to_parquet(tmp, index=False))
     # The page embeds one list of token texts and, per row, indices into it (compact for 100k+ rows).
     lookup: dict[int, str] = {}
     for col_ids, col_tokens in (("top_ids", "top_tokens"), ("bottom_ids", "bottom_tokens")):

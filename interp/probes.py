@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from interp.data.concepts import Concept
 from interp.errors import InputError
-from interp.paths import write_json
+from interp.paths import atomic_write, write_json
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -187,8 +187,8 @@ class ProbeResults:
         """``table.csv``, ``accuracy.html`` (plotly.min.js beside it, works offline), ``probes.safetensors`` + ``probes.json``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.table.to_csv(folder / "table.csv", index=False)
-        self.plot().write_html(folder / "accuracy.html", include_plotlyjs="directory")
+        atomic_write(folder / "table.csv", lambda tmp: self.table.to_csv(tmp, index=False))
+        atomic_write(folder / "accuracy.html", lambda tmp: self.plot().write_html(tmp, include_plotlyjs="directory"))
         save_probes(list(self.probes.values()), folder / "probes.safetensors")
         return folder
 
@@ -196,7 +196,7 @@ class ProbeResults:
 def save_probes(probes: Sequence[Probe], path: str | Path) -> None:
     """Weights in ``path`` (safetensors, keyed ``site/method``), everything else in ``<path>.json``."""
     path = Path(path)
-    save_file({f"{p.site}/{p.method}": p.weight.contiguous() for p in probes}, str(path))
+    atomic_write(path, lambda tmp: save_file({f"{p.site}/{p.method}": p.weight.contiguous() for p in probes}, str(tmp)))
     meta = [{"site": p.site, "method": p.method, "bias": p.bias, "reduce": p.reduce, "metrics": p.metrics} for p in probes]
     write_json(path.with_suffix(".json"), meta)
 

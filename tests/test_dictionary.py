@@ -333,6 +333,26 @@ def test_sigkill_during_checkpoint_replacement_then_resume_continues_exactly(tmp
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000024"]  # leftovers cleaned up
 
 
+def test_sigkill_during_the_first_checkpoint_then_the_same_command_starts_again(tmp_path, shared_store, uninterrupted):
+    """Killed before any checkpoint is complete: --resume says to start again, and starting again works."""
+    out = tmp_path / "run"
+    config = synthetic_config(shared_store, out)
+    command = [sys.executable, "-m", "interp", "train-sae", "--model", "none", "--store", str(shared_store.root), "--site", "acts",
+               "--k", config.k, "--latents", str(config.latents), "--tokens", str(config.tokens), "--batch-size", str(config.batch_size),
+               "--eval-tokens", str(config.eval_tokens), "--eval-contexts", "0", "--checkpoint-every", str(config.checkpoint_every),
+               "--warmup-steps", str(config.warmup_steps), "--lr", str(config.lr), "--out", str(out)]
+    killed = subprocess.run(command, env={**os.environ, "INTERP_FAULT": "checkpoint.renamed#1"}, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (out / "checkpoints" / "step-00000006").is_dir() and not (out / "checkpoint.json").exists()
+    with pytest.raises(InputError, match="without --resume"):
+        train(synthetic_config(shared_store, out, resume=True), progress=False)
+    again = train(config, progress=False)
+    full_out, full = uninterrupted
+    name = next(iter(full))
+    assert torch.equal(load_dictionary(full_out / name).W_dec, load_dictionary(out / name).W_dec)
+    assert again[name]["fvu"] == full[name]["fvu"]
+
+
 def test_a_second_job_on_the_same_run_folder_is_refused_naming_the_holder(tmp_path, shared_store):
     import os as os_module
 

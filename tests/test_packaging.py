@@ -16,10 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_package_is_listed():
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "interp").rglob("__init__.py")}
-    found.add("interp_kernels")
-    assert found == listed
+    # folders installed under another name: kernels/ -> interp_kernels, data/ -> interp.resources
+    mapped = {name: folder for name, folder in setuptools["package-dir"].items()}
+    assert mapped == {"interp_kernels": "kernels", "interp.resources": "data"}
+    assert all((ROOT / folder / "__init__.py").is_file() for folder in mapped.values())
+    assert found | set(mapped) == listed
 
 
 @pytest.mark.slow

@@ -219,6 +219,19 @@ def test_row_permutation_is_a_bijection_on_ten_million_rows():
     assert len(np.intersect1d(first, other)) < 20  # another epoch: an unrelated order (about 1.7 shared by chance)
 
 
+def test_row_permutation_steps_like_a_random_order():
+    """Consecutive positions must not sit a near-constant number of rows apart (a nearly linear map
+    passes the spread and correlation checks above but puts neighbouring tokens into one batch).
+    The same bounds are checked on numpy's random permutation, so they are known to be fair."""
+    n = 400_000
+    for name, rows in (("interp", RowPermutation(n, [0, 0])[:200_000]), ("numpy", np.random.default_rng(0).permutation(n)[:200_000])):
+        distinct = len(np.unique(np.diff(rows)))
+        batches = np.sort(rows[: 1024 * 50].reshape(50, 1024), axis=1)
+        close = float((np.diff(batches, axis=1) < 20).mean())  # neighbours within 20 rows inside a batch
+        assert distinct > 150_000, (name, distinct)  # random: about 190k distinct steps among 200k
+        assert close < 0.07, (name, close)  # random: about 5%
+
+
 def test_starting_an_epoch_over_a_billion_virtual_rows_is_cheap_and_reads_nothing():
     import tracemalloc
 

@@ -158,7 +158,7 @@ def main() -> None:
         speed[name] = {"median_s": median, "ratio": median / floor_s, "all_s": values}
 
     memory = {}
-    print(f"\npeak private memory (RssAnon) of a 3-iteration fit, fresh process each")
+    print("\npeak private memory (RssAnon) of a 3-iteration fit, fresh process each")
     for on_disk in (True, False):
         for path, n in ((small, tokens // 10), (big, tokens)):
             env = {**os.environ, "PYTHONWARNINGS": "ignore"}

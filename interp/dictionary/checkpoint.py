@@ -34,8 +34,9 @@ FORMAT = "interp-checkpoint"
 
 
 def exists(run: Path) -> bool:
-    """Whether ``run`` holds (or has begun) a checkpointed run."""
-    return (run / POINTER).exists() or (run / VERSIONS).exists()
+    """Whether ``run`` holds a checkpointed run. Only the pointer counts: a run killed during its
+    first save leaves a version folder without one, and starting again in ``run`` clears it."""
+    return (run / POINTER).exists()
 
 
 def save(run: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> Path:
@@ -64,7 +65,8 @@ def load(run: Path) -> tuple[Path, dict[str, Any]]:
     """The current version's folder and its state.json."""
     pointer = run / POINTER
     if not pointer.is_file():
-        raise InputError(f"--resume: {run} holds no checkpoint ({POINTER} is missing)")
+        raise InputError(f"--resume: {run} holds no checkpoint ({POINTER} is missing: the run stopped before its first "
+                         "checkpoint was complete); run the same command without --resume to start it again")
     record = json.loads(pointer.read_text())
     if record.get("format") != FORMAT:
         raise InputError(f"{pointer} is not an interp checkpoint pointer")

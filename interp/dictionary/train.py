@@ -127,8 +127,9 @@ class Trainer:
             self.in_site = resolve_site(self.model, c.site, c.layer)
             self.out_site = resolve_site(self.model, c.output_site, c.layer) if c.output_site else self.in_site
         self.sites = [self.in_site] if self.out_site == self.in_site else [self.in_site, self.out_site]
-        self.store = self._open_store()
+        # the schedule first: bad settings are refused before a harvest starts
         self.schedule = resolve_schedule(c.tokens, c.latents, batch_size=c.batch_size, lr=c.lr, warmup_steps=c.warmup_steps)
+        self.store = self._open_store()
         self.batch_size, self.lr = self.schedule.batch_size, self.schedule.lr
         n = self.store.n_rows
         self.train_rows = (0, n - c.eval_tokens)
@@ -300,6 +301,10 @@ class Trainer:
         differ = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
         if differ:
             raise InputError(f"--resume: the settings differ from the checkpoint's: {differ}")
+        saved_lr = state.get("lr", self.lr)
+        if abs(saved_lr - self.lr) > 1e-9 * saved_lr:  # same settings, another schedule rule (another interp version)
+            raise InputError(f"--resume: the checkpoint trained at lr {saved_lr:.4g}, this version's schedule rule gives "
+                             f"{self.lr:.4g}; pass --lr {saved_lr:.6g} to continue it as it was")
         for name, d in self.dictionaries.items():
             tensors = checkpoint.load_tensors(folder, name)
             d.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})

@@ -16,6 +16,7 @@ from typing import Any
 
 from interp.experiments import register
 from interp.experiments.results import Results
+from interp.paths import atomic_write
 
 DEFAULT_RULES = "ln,identity,half"
 
@@ -64,7 +65,7 @@ def run(params: PatchingCorrelationParams, results: Results) -> dict[str, Any]:
             entry["resid_pre_disagreement"] = disagreement(reference, relp, task.position_labels(model))
         _print_template(template, entry, params.kinds)
         for name, result in (("activation", reference), ("attribution", methods["attribution patching"]), ("relp", relp)):
-            result.table.to_csv(results.path(f"t{template}", f"{name}.csv"), index=False)
+            atomic_write(results.path(f"t{template}", f"{name}.csv"), lambda tmp, table=result.table: table.to_csv(tmp, index=False))
             if template == params.templates[0]:
                 results.figure(f"heatmap_{name}_t{template}", result.heatmap())
         results.write_json(f"t{template}/correlations.json", entry)

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from interp.paths import write_text
+from interp.paths import atomic_write, write_text
 
 
 class Results:
@@ -35,10 +35,10 @@ class Results:
         is recorded in ``metrics.json`` under ``png_problems``.
         """
         html = self.path("figures", f"{name}.html")
-        fig.write_html(html, include_plotlyjs="directory")
+        atomic_write(html, lambda tmp: fig.write_html(tmp, include_plotlyjs="directory"))
         png = html.with_suffix(".png")
         try:
-            fig.write_image(png, width=width, height=height or fig.layout.height or 500, scale=1)
+            atomic_write(png, lambda tmp: fig.write_image(tmp, format="png", width=width, height=height or fig.layout.height or 500, scale=1))
         except Exception as err:  # kaleido missing, or no browser it can start
             message = f"{type(err).__name__}: {err}".splitlines()[0]
             self._png_problems[name] = message

@@ -15,6 +15,7 @@ from typing import Any
 
 from interp.experiments import register
 from interp.experiments.results import Results
+from interp.paths import atomic_write
 
 COLUMNS = ("l0", "fvu", "fvu_inliers", "ce_recovered", "delta_lm_loss", "kl", "dead_fraction", "cosine", "train_seconds")
 
@@ -76,7 +77,7 @@ def run(params: SaeParetoParams, results: Results) -> dict[str, Any]:
     import pandas as pd
 
     frame = pd.DataFrame(table)
-    frame.to_csv(results.path("pareto.csv"), index=False)
+    atomic_write(results.path("pareto.csv"), lambda tmp: frame.to_csv(tmp, index=False))
     results.figure("pareto", pareto_figure(frame, title=f"TopK SAEs on {trainer.in_site}, {params.latents} latents, "
                                                        f"{trainer.steps * params.batch_size:,} tokens"), height=430)
     return {"site": trainer.in_site, "store": str(trainer.store.root), "train_rows": list(trainer.train_rows),

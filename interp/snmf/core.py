@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from interp.errors import InputError, TrainingError
+from interp.paths import atomic_write
 from interp.snmf.data import Activations
 
 INITS = ("random", "svd", "kmeans")
@@ -140,7 +141,9 @@ def multiplicative_update(Y: torch.Tensor, P: torch.Tensor, Q: torch.Tensor) -> 
     numerator, denominator = terms[:, :k], terms[:, k:]
     positive = P.clamp(min=0)
     numerator.add_(positive).clamp_min_(TINY).sqrt_()
-    denominator.add_(positive).sub_(P).clamp_min_(TINY).rsqrt_()  # P⁻ = P⁺ − P
+    # P⁻ = −min(P, 0) added directly: (Y·Q⁺ + P⁺) − P cancels to 0 in float32 where P⁺ dwarfs Y·Q⁺,
+    # and a zero denominator multiplied a tiny Y by up to 1e19 (the fit then diverged)
+    denominator.sub_(P.clamp(max=0)).clamp_min_(TINY).rsqrt_()
     out = Y * numerator
     out.mul_(denominator)
     return torch.nn.functional.threshold_(out, 1e-30, 0.0)
@@ -430,10 +433,9 @@ def check_finite(source: Activations, chunk_size: int = 16_384, device: torch.de
 
 def _save_state(folder: Path, identity: dict[str, Any], state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     """State tensors and JSON (as safetensors metadata) in one file, renamed into place."""
-    tmp = folder / f".{STATE}.tmp"
     meta = {"identity": json.dumps(identity, sort_keys=True), "state": json.dumps(state)}
-    save_file({name: t.detach().cpu().clone() for name, t in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, folder / STATE)
+    values = {name: t.detach().cpu().clone() for name, t in tensors.items()}
+    atomic_write(folder / STATE, lambda tmp: save_file(values, str(tmp), metadata=meta))
 
 
 def _load_state(folder: Path, identity: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:

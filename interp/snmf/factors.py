@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from interp.errors import InputError
+from interp.paths import atomic_write, write_json
 from interp.snmf.core import TINY, FitResult, SNMFConfig, fit
 from interp.snmf.data import Activations, TensorActivations
 
@@ -143,18 +144,18 @@ class SNMF:
         for name in ("top_rows", "top_values", "to_base", "loadings"):
             if getattr(self, name) is not None:
                 tensors[name] = getattr(self, name)
-        _atomic(folder / WEIGHTS, lambda tmp: save_file({n: t.detach().cpu().clone() for n, t in tensors.items()}, str(tmp)))
+        atomic_write(folder / WEIGHTS, lambda tmp: save_file({n: t.detach().cpu().clone() for n, t in tensors.items()}, str(tmp)))
         if with_y and self.base is None:
             target = folder / Y_FILE
             if self.y_path is None or self.y_path.resolve() != target.resolve():
-                _atomic(target, lambda tmp: np.save(tmp, self.y().numpy()))
+                atomic_write(target, lambda tmp: _save_npy(tmp, self.y().numpy()))
                 self.y_path = target
         if self.base is not None and self.base._folder is None:
             raise InputError(f"save the base level of this recursive SNMF first (level {self.level} refers to it)")
         base = os.path.relpath(self.base._folder, folder) if self.base is not None else None
         meta = {"format": FORMAT, "version": 1, "config": asdict(self.config), "info": self.info, "source": self.source,
                 "level": self.level, "base": base}
-        _atomic(folder / META, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+        write_json(folder / META, meta)
         self._folder = folder
         return folder
 
@@ -184,10 +185,6 @@ class SNMF:
                 f"relative_error={err:.4f})" if err is not None else f"SNMF(k={self.k}, d_mlp={self.d})")
 
 
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- fitting helpers
@@ -284,3 +281,8 @@ def evaluate(snmf: SNMF, source: Activations, *, chunk_size: int = 16_384, n_ite
         col_sum += A.sum(0).double()
     centred = total - float((col_sum ** 2).sum()) / source.n
     return {"relative_error": residual / max(total, TINY), "fvu": residual / max(centred, TINY), "tokens": source.n}
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to the temporary name
+        np.save(f, array)

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import pandas as pd
 from interp.config import opt, parse_count, write_config
 from interp.errors import InputError
 from interp.paths import interp_home
+from interp.paths import atomic_write, write_json
 from interp.snmf.core import STATE, SNMFConfig, check_finite
 from interp.snmf.data import StoreActivations
 from interp.snmf.factors import SNMF, evaluate, fit_recursive, hierarchy_table
@@ -147,7 +147,7 @@ def run_snmf(config: SNMFJobConfig, *, model: Any = None, progress: bool = True)
             scores = evaluate(level, held_out, device=config.device)
             entry.update(heldout_relative_error=scores["relative_error"], heldout_fvu=scores["fvu"])
         metrics["levels"].append(entry)
-    (config.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_json(config.out / "metrics.json", metrics)
     print(pd.DataFrame(metrics["levels"]).to_string(index=False))
 
     for i, level in enumerate(levels if config.report else []):
@@ -156,11 +156,11 @@ def run_snmf(config: SNMFJobConfig, *, model: Any = None, progress: bool = True)
         with pd.option_context("display.width", 200, "display.max_colwidth", 90):
             print(f"\nlevel {i} (k={level.k}), strongest features:\n" + feature_table(reports).to_string(index=False))
         page = write_feature_page(reports, config.out / f"features{suffix}.html", f"SNMF of {site}, level {i}, k={level.k}")
-        (config.out / f"features{suffix}.json").write_text(json.dumps(reports_json(reports), indent=1))
+        write_json(config.out / f"features{suffix}.json", reports_json(reports))
         print(f"wrote {page}")
     if len(levels) > 1:
         tree = hierarchy_table(levels)
-        tree.to_csv(config.out / "hierarchy.csv", index=False)
+        atomic_write(config.out / "hierarchy.csv", lambda tmp: tree.to_csv(tmp, index=False))
         print(f"wrote {config.out / 'hierarchy.csv'} (each feature's parent one level up)")
     print(f"wrote {config.out}/metrics.json and one folder per level ({', '.join(p.name for p in _folders(config.out, levels))})")
     return metrics

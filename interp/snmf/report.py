@@ -132,7 +132,7 @@ def feature_table(reports: list[FeatureReport], *, contexts: int = 3, tokens: in
 
 def _feature_section(report: FeatureReport, label: str) -> str:
     """One feature in the SAE viewer's markup (its example lines, shaded by coefficient)."""
-    from interp.viz import example_html
+    from interp.viz.examples_page import example_html
 
     facts = [f"‖z‖ = {report.norm:.3g}; neurons " + ", ".join(f"{i} ({w:+.3g})" for i, w in report.neurons)]
     if report.promotes:
@@ -147,9 +147,9 @@ def _feature_section(report: FeatureReport, label: str) -> str:
 
 def write_feature_page(reports: list[FeatureReport], path: str | Path, title: str, *, label: str = "Feature") -> Path:
     """A static HTML page with every report (the same viewer as SAE features)."""
-    from interp.viz import write_dashboard
+    from interp.viz.examples_page import write_sections
 
-    return write_dashboard(path, [_feature_section(r, label) for r in reports], title)
+    return write_sections(path, [_feature_section(r, label) for r in reports], title)
 
 
 def reports_json(reports: list[FeatureReport]) -> list[dict[str, Any]]:

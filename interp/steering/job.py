@@ -19,6 +19,7 @@ import pandas as pd
 from interp.config import config_dict, opt, write_config
 from interp.data.concepts import Concept, load_concept, load_prompts
 from interp.errors import InputError
+from interp.paths import atomic_write
 from interp.probes import MIN_PROBE_PER_CLASS, REDUCTIONS, fit_probe, probe_metrics
 from interp.steering.evaluation import SCORERS, Scorer, continuation_nll, make_scorer, perplexity
 from interp.steering.generation import POSITIONS, Steering, generate
@@ -155,8 +156,9 @@ def run_steer(config: SteerConfig, model: Model | None = None) -> SteerOutput | 
     if config.out is not None:
         write_config(config, config.out)
         vector.save(config.out / "vectors" / f"{name}.safetensors")
-        output.side_by_side.to_json(config.out / "generations.jsonl", orient="records", lines=True, force_ascii=False)
-        output.summary.to_csv(config.out / "summary.csv", index=False)
+        atomic_write(config.out / "generations.jsonl",
+                     lambda tmp: output.side_by_side.to_json(tmp, orient="records", lines=True, force_ascii=False))
+        atomic_write(config.out / "summary.csv", lambda tmp: output.summary.to_csv(tmp, index=False))
     return output
 
 

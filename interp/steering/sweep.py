@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from interp.errors import InputError
-from interp.paths import write_json
+from interp.paths import atomic_write, write_json, write_text
 from interp.steering.evaluation import Scorer, continuation_nll, distinct_n
 from interp.steering.generation import POSITIONS, Generations, Positions, Steering, generate
 from interp.steering.vectors import UNITS, SteeringVector, Units, check_strength
@@ -97,9 +96,10 @@ class SweepResult:
         """``table.csv``, ``sweep.html`` (plotly.min.js beside it), ``generations.jsonl``."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        self.table.to_csv(out / "table.csv", index=False)
-        self.plot().write_html(out / "sweep.html", include_plotlyjs="directory")
-        self.generations.to_json(out / "generations.jsonl", orient="records", lines=True, force_ascii=False)
+        atomic_write(out / "table.csv", lambda tmp: self.table.to_csv(tmp, index=False))
+        atomic_write(out / "sweep.html", lambda tmp: self.plot().write_html(tmp, include_plotlyjs="directory"))
+        atomic_write(out / "generations.jsonl",
+                     lambda tmp: self.generations.to_json(tmp, orient="records", lines=True, force_ascii=False))
         return out
 
 
@@ -148,9 +148,7 @@ def sweep(model: Model, vectors: Mapping[str, SteeringVector], strengths: Sequen
         run = _score(model, gens, scorer, batch_size)
         run = [{"method": method, "strength": strength, "added_norm": scale, **r} for r in run]
         if path is not None:
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in run), encoding="utf-8")
-            os.replace(tmp, path)
+            write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in run))
         records += run
     generations = pd.DataFrame.from_records(records)
     result = SweepResult(summarise(generations), generations, getattr(scorer, "description", "score"))

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from interp.data.concepts import Concept
 from interp.errors import InputError
-from interp.paths import write_json
+from interp.paths import atomic_write, write_json
 from interp.probes import Probe, Reduce, concept_activations
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ class SteeringVector:
         """``path`` (safetensors, the vector) and ``<path>.json`` (site, source, info)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"vector": self.vector.contiguous()}, str(path))
+        atomic_write(path, lambda tmp: save_file({"vector": self.vector.contiguous()}, str(tmp)))
         meta = {"site": self.site, "source": self.source, "info": self.info}
         write_json(path.with_suffix(".json"), meta)
         return path

@@ -6,7 +6,9 @@ positions of one batch, so memory and start-up time do not depend on ``n``.
 
 Construction: a Feistel network over the square domain ``m x m`` (``m = ceil(sqrt(n))``): a
 position ``x`` is split into ``(x // m, x % m)`` and each round maps ``(L, R) -> (R, (L + F(R)) mod
-m)``, which is a bijection whatever the round function ``F`` (a keyed multiplicative hash here).
+m)``, which is a bijection whatever the round function ``F`` (here the splitmix64 finaliser of
+``R xor key``: a bare multiplicative hash steps almost linearly in ``R``, which left consecutive
+positions a near-constant number of rows apart).
 Six rounds of it are a bijection of ``[0, m^2)``; positions that land in ``[n, m^2)`` (fewer than
 ``2 sqrt(n)`` of them) are mapped again until they land below ``n`` ("cycle walking"), which keeps
 it a bijection of ``[0, n)``.
@@ -19,8 +21,8 @@ import math
 import numpy as np
 
 ROUNDS = 6
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier (2^64 / golden ratio)
-_HIGH = np.uint64(32)
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)  # splitmix64's multipliers
+_S30, _S27, _S31, _HIGH = (np.uint64(s) for s in (30, 27, 31, 32))
 
 
 class RowPermutation:
@@ -55,8 +57,12 @@ class RowPermutation:
         left, right = np.divmod(x, m)
         with np.errstate(over="ignore"):  # the hash multiplies modulo 2^64 on purpose
             for key in self.keys:
-                # F(R): high 32 bits of a keyed multiplicative hash, scaled onto [0, m) without a division
-                f = ((((right + key) * _GOLDEN) >> _HIGH) * m) >> _HIGH
+                # F(R): the high 32 bits of splitmix64(R ^ key), scaled onto [0, m) without a division
+                z = right ^ key
+                z = (z ^ (z >> _S30)) * _MIX1
+                z = (z ^ (z >> _S27)) * _MIX2
+                z ^= z >> _S31
+                f = ((z >> _HIGH) * m) >> _HIGH
                 total = left + f
                 total -= m * (total >= m)
                 left, right = right, total
