@@ -109,6 +109,36 @@ def test_gradient_at_every_site_equals_autograd_through_an_independent_forward(f
         torch.testing.assert_close(grads[site], grad, rtol=1e-4, atol=1e-6, msg=site)
 
 
+def test_gradient_at_every_site_of_a_transformer_lens_model():
+    """TransformerLens runs some hook points more than once per forward (``ln1`` for the query, key
+    and value inputs): the site's gradient is that of the one activation every call reads. The
+    reference replaces the activation by one leaf through TransformerLens's own hook API."""
+    torch.manual_seed(0)
+    model = tiny_model("transformer_lens", n_layers=2)
+    task = toy_task(model)
+    base = task.corrupt
+    _, fired = model.module.run_with_cache(base.ids)  # optional hook points (hook_result, ...) stay off
+    sites = [s for s in model.site_names() if s in fired and model.site_table.info(s).kind != "pattern"]
+    assert len(sites) > 20
+    acts, grads = gradients_at(model, task, base, sites, None)
+    checked_repeated = False
+    for site in sites:
+        kept, calls = {}, []
+
+        def swap(act, hook):
+            calls.append(1)
+            kept.setdefault("leaf", act.detach().clone().requires_grad_())
+            return kept["leaf"]
+
+        logits = model.module.run_with_hooks(base.ids, fwd_hooks=[(site, swap)])
+        task.metric(logits[:, -1], torch.arange(len(task))).mean().backward()
+        checked_repeated |= len(calls) > 1
+        assert torch.equal(acts[site], kept["leaf"].detach()), site
+        assert kept["leaf"].grad.abs().max() > 0, site
+        torch.testing.assert_close(grads[site], kept["leaf"].grad, rtol=1e-4, atol=1e-6, msg=site)
+    assert checked_repeated  # some hook point did fire several times (else this test checks nothing new)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_gradient_at_the_attention_pattern(family):
     model = tiny_model(family, n_layers=2)

@@ -211,17 +211,30 @@ def tiny_hf(config_name: str, **kwargs):
                      num_local_experts=4, num_experts_per_tok=2), "mixture-of-experts"),
     (lambda: tiny_hf("GraniteConfig", hidden_size=64, intermediate_size=128, num_attention_heads=4, residual_multiplier=0.5),
      "residual_multiplier=0.5"),
+    (lambda: tiny_hf("Qwen2MoeConfig", hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4,
+                     num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0]),
+     r"model\.layers\.1\.mlp \(Qwen2MoeSparseMoeBlock\) differs from block 0"),
 ])
 def test_structures_that_cannot_be_mapped_are_refused(build, message):
     with pytest.raises(ArchitectureError, match=message):
         interp.load_model(build())
 
 
+def test_pattern_sites_are_refused_beside_a_flash_kernel():
+    """Flash / flex kernels get no 4-D mask, so a pattern recomputed beside them would be wrong."""
+    model = tiny_model("llama")
+    model.module.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ArchitectureError, match="attn_implementation='sdpa'"):
+        model.run_with_cache("The cat sat", [model.site("pattern", 0)])
+    assert model.module.config._attn_implementation == "flash_attention_2"  # nothing left switched
+
+
 def test_a_norm_that_feeds_nothing_known_is_refused():
     """A norm whose output neither attention nor MLP reads (here: applied to the block input and thrown away)."""
     model = tiny_model("llama").module
+    for every in model.model.layers:  # built alike (else the uniformity check refuses first)
+        every.stray_norm = torch.nn.LayerNorm(64)
     block = model.model.layers[0]
-    block.stray_norm = torch.nn.LayerNorm(64)
     forward = block.forward
 
     def patched(hidden_states, *args, **kwargs):

@@ -96,10 +96,11 @@ ARCHS: dict[str, Arch] = {
 
 def arch_for(model: nn.Module) -> Arch:
     """The components from ``model``'s family table (or its structure), norms by data flow."""
-    from interp.models.structure import trace_structure
+    from interp.models.structure import check_uniform_blocks, trace_structure
 
     family = getattr(getattr(model, "config", None), "model_type", None)
     components = ARCHS[family] if family in ARCHS else discover_components(model)
+    check_uniform_blocks(model, components)
     return trace_structure(model, components)
 
 

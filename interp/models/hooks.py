@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from interp.errors import ArchitectureError
+
 HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
@@ -150,8 +152,8 @@ class _PatternHandle:
         self.config = config
         self.id = _PatternHandle._next_id
         _PatternHandle._next_id += 1
+        _switch_attention(config, +1)  # first: it refuses kernels the pattern cannot be read beside
         self.hooks[self.id] = fn
-        _switch_attention(config, +1)
 
     def remove(self) -> None:
         if self.hooks.pop(self.id, None) is not None:
@@ -162,8 +164,15 @@ def _switch_attention(config: Any, delta: int) -> None:
     entry = _pattern_users.setdefault(id(config), [0, None])
     entry[0] += delta
     if delta > 0 and entry[0] == 1:
-        entry[1] = config._attn_implementation or "eager"
-        config._attn_implementation = _register_pattern_attention(entry[1])
+        original = config._attn_implementation or "eager"
+        if original not in ("eager", "sdpa"):
+            # flash / flex kernels get no 4-D mask (None, a padding mask or a BlockMask): the pattern
+            # recomputed beside them would be unmasked or wrong, so refuse instead
+            _pattern_users.pop(id(config))
+            raise ArchitectureError(f"the attention pattern sites need eager or sdpa attention; this model runs {original!r}: "
+                                    "load it with attn_implementation='sdpa' (or 'eager') to read or edit hook_pattern")
+        entry[1] = original
+        config._attn_implementation = _register_pattern_attention(original)
     elif entry[0] == 0:
         config._attn_implementation = _pattern_users.pop(id(config))[1]
 

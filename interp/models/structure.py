@@ -98,6 +98,26 @@ def probe_ids(model: nn.Module) -> torch.Tensor:
     return ((torch.arange(PROBE_TOKENS) * 7 + 3) % vocab).unsqueeze(0).to(device)
 
 
+def check_uniform_blocks(model: nn.Module, arch: Arch) -> None:
+    """Refuse a layer stack whose blocks are not built alike: the mapping is found on block 0 and
+    applied to every block, so a later block of another kind (a mixture-of-experts MLP after dense
+    ones, say) would be read through paths that do not exist there or mean something else."""
+    layers = model.get_submodule(arch.layers)
+
+    def layout(block: nn.Module) -> list[tuple[str, str]]:
+        return [(path, type(module).__name__) for path, module in block.named_modules()]
+
+    first = layout(layers[0])
+    for i, block in enumerate(layers):
+        here = layout(block)
+        if here != first:
+            ours, theirs = (set(here) - set(first)) or set(here), (set(first) - set(here)) or set(first)
+            path, kind = min(ours or theirs)
+            other = ", ".join(f"{p} ({k})" for p, k in sorted(theirs)[:3])
+            raise ArchitectureError(f"{arch.family}: {arch.layers}.{i}.{path} ({kind}) differs from block 0 (which has {other}); "
+                                    "blocks of different kinds (dense and mixture-of-experts MLPs, ...) cannot be mapped from one block")
+
+
 def trace_structure(model: nn.Module, arch: Arch) -> Arch:
     """``arch`` (components known) with its norms, residual layout and unembedding found (module docstring)."""
     config = model.config

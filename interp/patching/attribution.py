@@ -58,8 +58,12 @@ def attribution_patching(
 
 def gradients_at(model: Model, task: PatchingTask, tokens: interp.Tokens, sites: list[str], rules: Rules | None
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Activations and d(mean metric)/d(activation) at ``sites`` on ``tokens`` (parameters get no gradient)."""
-    captured: dict[str, torch.Tensor] = {}
+    """Activations and d(mean metric)/d(activation) at ``sites`` on ``tokens`` (parameters get no gradient).
+
+    A hook point may fire more than once per forward (TransformerLens runs ``ln1`` once each for
+    the query, key and value inputs): every call gets a node of its own, and the site's gradient
+    is the sum over its calls, which is the gradient of the one activation they all read."""
+    captured: dict[str, list[torch.Tensor]] = {}
     values: dict[str, torch.Tensor] = {}  # for sites the model later changes in place: their value when read
 
     def leaf(act: torch.Tensor) -> torch.Tensor:  # gradients start at the embeddings; weights stay frozen
@@ -72,8 +76,11 @@ def gradients_at(model: Model, task: PatchingTask, tokens: interp.Tokens, sites:
                 fresh.retain_grad()
             else:  # nothing upstream needs a gradient (position embeddings; a pattern held constant)
                 fresh = act.detach().clone().requires_grad_()
-            captured[site] = fresh
-            if model.site_table.hook(site).mutable:
+            calls = captured.setdefault(site, [])
+            if calls and not torch.equal(calls[0].detach(), fresh.detach()):
+                raise InputError(f"site {site} fired twice in one forward with different values; its gradient is ambiguous")
+            calls.append(fresh)
+            if model.site_table.hook(site).mutable and len(calls) == 1:
                 values[site] = fresh.detach().clone()
             return fresh
 
@@ -96,10 +103,11 @@ def gradients_at(model: Model, task: PatchingTask, tokens: interp.Tokens, sites:
     if missing:
         raise InputError(f"the forward pass never reached site(s) {', '.join(missing)}, so they have no gradient")
     # The metric reads every captured tensor in a connected model; no gradient means something cut the graph.
-    cut = [s for s, t in captured.items() if t.grad is None]
+    cut = [s for s, calls in captured.items() if all(t.grad is None for t in calls)]
     if cut:
         raise InputError(f"no gradient reached site(s) {', '.join(cut)}: the graph from there to the metric is cut "
                          "(a hook detached it, or a rule holds something between it and the metric constant, as the attention rule does "
                          "for queries and keys), so attribution there cannot be computed")
-    return {s: values.get(s, t.detach()) for s, t in captured.items()}, {s: t.grad.detach() for s, t in captured.items()}
+    grads = {s: sum(t.grad.detach() for t in calls if t.grad is not None) for s, calls in captured.items()}
+    return {s: values.get(s, calls[0].detach()) for s, calls in captured.items()}, grads
 
