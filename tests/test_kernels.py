@@ -164,8 +164,9 @@ def test_float32_selection_uses_ieee_precision_on_the_gpu():
     """Pre-activations 2e-4 apart (relative): TF32 (10-bit mantissa) could not order them; the kernel must."""
     x, W, b = random_problem(64, 256, 512, seed=10, device="cuda")
     W[1::2], b[1::2] = W[0::2] * (1 + 2e-4), b[0::2] * (1 + 2e-4)  # each odd latent a hair above its even twin
-    values, indices = K.topk_encode(x, W, b, 16, backend="triton")
-    ref_values, ref_indices = reference.topk_encode(x, W, b, 16)
+    # k odd: the last latent picked splits a twin pair, so only a kernel that orders the twins agrees
+    values, indices = K.topk_encode(x, W, b, 15, backend="triton")
+    ref_values, ref_indices = reference.topk_encode(x, W, b, 15)
     assert [set(r.tolist()) for r in indices] == [set(r.tolist()) for r in ref_indices]
     torch.testing.assert_close(values.sort(-1).values, ref_values.sort(-1).values, rtol=1e-6, atol=1e-6)
 
