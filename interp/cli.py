@@ -301,6 +301,7 @@ class DashboardConfig:
     tokens: int | None = opt(200_000, "store rows to read: the last N (where training keeps its held-out rows); "
                                       "0 = the dictionary's held-out rows", parse=parse_count)
     n: int = opt(20, "top-activating contexts per latent")
+    model: str | None = opt(None, "model for tokens and the unembedding (default: the one the dictionary or its store names)")
 
 
 @command(DashboardConfig, "dashboard")
@@ -308,7 +309,11 @@ def dashboard_cmd(config: DashboardConfig) -> None:
     """Feature dashboard: a static HTML page per dictionary (density, histograms, top contexts, decoded tokens, search)."""
     from interp.viz.dashboard import dashboard_from_folder
 
-    pages = dashboard_from_folder(config.dictionary, config.out, store=config.store, tokens=config.tokens or None, n=config.n)
+    from interp.models import load_model
+
+    model = load_model(config.model) if config.model else None
+    pages = dashboard_from_folder(config.dictionary, config.out, store=config.store, tokens=config.tokens or None, n=config.n,
+                                  model=model)
     for page in pages:
         typer.echo(f"wrote {page} ({page.stat().st_size / 1e6:.1f} MB)")
 

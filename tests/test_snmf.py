@@ -346,6 +346,24 @@ def test_snmf_command(tmp_path, tiny_store):
     assert again.exit_code == 2 and "already holds a fit" in again.output
     assert runner.invoke(app, ["snmf", "--k", "8,3", "--out", str(out), "--resume", *common]).exit_code == 0
 
+    # the feature dashboard takes an SNMF level: coefficients by NNLS with Z fixed (checked against scipy)
+    dash = runner.invoke(app, ["dashboard", str(out / "level0-k8"), "--out", str(tmp_path / "dash"), "--tokens", "800", "--n", "5",
+                               "--model", "tiny:llama"])
+    assert dash.exit_code == 0, dash.output
+    page = (tmp_path / "dash" / "level0-k8.html").read_text()
+    assert '"kind":"snmf"' in page and '"name":"level0-k8"' in page
+    from interp.models import load_model
+    from interp.snmf.report import SNMFFeatures
+
+    snmf = SNMF.load(out / "level0-k8")
+    x = tiny_store.read("blocks.1.mlp.hook_post", np.arange(tiny_store.n_rows - 20, tiny_store.n_rows))
+    rows, features, values = SNMFFeatures(snmf, load_model("tiny:llama")).activations(x)
+    dense = torch.zeros(20, 8)
+    dense[rows, features] = values
+    for row in range(20):
+        expected, _ = nnls(snmf.Z.double().numpy(), x[row].double().numpy())
+        np.testing.assert_allclose(dense[row].numpy(), expected, rtol=1e-3, atol=1e-3 * max(1.0, expected.max()))
+
     bad_site = runner.invoke(app, ["snmf", "--site", "resid_post", "--k", "4", "--out", str(tmp_path / "b"), *common])
     assert bad_site.exit_code == 2 and "not one" in bad_site.output and "blocks.1.mlp.hook_post" in bad_site.output
     too_many = runner.invoke(app, ["snmf", "--k", "5000", "--out", str(tmp_path / "c"), *common])

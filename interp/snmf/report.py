@@ -160,3 +160,31 @@ def reports_json(reports: list[FeatureReport]) -> list[dict[str, Any]]:
         out.append({"feature": r.feature, "norm": r.norm, "neurons": r.neurons, "promotes": r.promotes,
                     "suppresses": r.suppresses, "examples": examples})
     return out
+
+
+class SNMFFeatures:
+    """An SNMF as a ``FeatureSource`` for the feature dashboard (``interp dashboard SNMF_FOLDER``): a
+    row's coefficients are the non-negative least squares ones with ``Z`` fixed (``SNMF.coefficients``),
+    a feature's output direction is ``W_down·z``."""
+
+    kind = "snmf"
+
+    def __init__(self, snmf: Any, model: Any, name: str = "snmf"):
+        if snmf.base is not None:
+            from interp.errors import InputError
+
+            raise InputError(f"level {snmf.level} of a recursive SNMF factors features, not activations: "
+                             "open its base level (level 0) in the dashboard")
+        self.snmf, self.model_obj, self.name = snmf, model, name
+        self.n_latents, self.site, self.model = snmf.k, snmf.site, snmf.source.get("model", "")
+
+    @torch.no_grad()
+    def activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        Y = self.snmf.coefficients(x)
+        rows, features = Y.nonzero(as_tuple=True)
+        return rows, features, Y[rows, features].float()
+
+    def output_directions(self) -> torch.Tensor:
+        from interp.snmf.steer import output_directions
+
+        return output_directions(self.snmf, self.model_obj)

@@ -142,12 +142,15 @@ def dashboard_from_folder(dictionary: str | Path, out: str | Path, *, store: str
     from interp.dictionary.features import DictionaryFeatures, scan_rows
     from interp.dictionary.io import META, load_dictionary, read_meta
     from interp.errors import InputError
+    from interp.snmf.factors import META as SNMF_META
     from interp.store import ActivationStore
 
     folder = Path(dictionary)
+    if (folder / SNMF_META).is_file():
+        return [_snmf_dashboard(folder, Path(out), store=store, tokens=tokens, n=n, latents=latents, model=model, progress=progress)]
     folders = [folder] if (folder / META).is_file() else sorted(p.parent for p in folder.glob(f"*/{META}"))
     if not folders:
-        raise InputError(f"{folder} holds no dictionary ({META}) and no dictionary folders")
+        raise InputError(f"{folder} holds no dictionary ({META}), no SNMF ({SNMF_META}) and no dictionary folders")
     out = Path(out)
     pages = []
     for each in folders:
@@ -169,3 +172,26 @@ def dashboard_from_folder(dictionary: str | Path, out: str | Path, *, store: str
     if len(pages) > 1:
         write_index(out, pages)
     return pages
+
+
+def _snmf_dashboard(folder: Path, out: Path, *, store: str | Path | None, tokens: int | None, n: int,
+                    latents: list[int] | None, model: Any, progress: bool) -> Path:
+    """The page for an SNMF folder (``interp snmf`` output level): rows after the fitted ones by default."""
+    from interp.dictionary.features import scan_rows
+    from interp.errors import InputError
+    from interp.models import load_model
+    from interp.snmf import SNMF
+    from interp.snmf.report import SNMFFeatures
+    from interp.store import ActivationStore
+
+    snmf = SNMF.load(folder)
+    store_path = store or snmf.source.get("store")
+    if not store_path:
+        raise InputError(f"{folder} does not record its store; pass --store")
+    opened = ActivationStore(store_path)
+    model = model if model is not None else load_model(snmf.source.get("model") or opened.manifest["model"]["name"])
+    fitted_stop = snmf.source.get("rows", [0, 0])[1] if store is None else 0
+    held_out = (fitted_stop, opened.n_rows) if fitted_stop < opened.n_rows else None
+    rows = scan_rows(opened, tokens, held_out)
+    return build_dashboard(SNMFFeatures(snmf, model, name=folder.name), opened, out / f"{folder.name}.html", model=model,
+                           rows=rows, n=n, latents=latents, progress=progress)
