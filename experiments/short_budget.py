@@ -13,7 +13,8 @@ A variant is a schedule:
 STORE must hold blocks.{L}.hook_resid_post for every layer; its last --eval-tokens rows are the
 held-out rows of every run. Each run writes runs/short_budget/L{layer}/{budget}/{variant}/ and is
 skipped when its metrics.json exists, so the script can be stopped and started again. The table
-goes to runs/short_budget/table-<layers>.md and results.json.
+goes to runs/short_budget/table-<layers>.md and results.json; --table-only prints it from the runs
+that exist, without training (a missing run shows as "not run").
 """
 
 from __future__ import annotations
@@ -46,12 +47,14 @@ def variant_settings(variant: str, tokens: int, latents: int) -> dict:
     return settings
 
 
-def run_one(model, store: Path, layer: int, tokens: int, variant: str, args) -> dict:
+def run_one(model, store: Path, layer: int, tokens: int, variant: str, args) -> dict | None:
     from interp.config import parse_count
     from interp.dictionary import TrainConfig, train
 
     out = RESULTS / f"L{layer}" / f"{args.label_of[tokens]}" / variant.replace("*", "x").replace("=", "").replace(",", "_")
     done = out / "metrics.json"
+    if not done.exists() and args.table_only:
+        return None
     if not done.exists():
         settings = variant_settings(variant, tokens, args.latents)
         config = TrainConfig(model="smollm2-135m", layer=layer, site="resid_post", k=str(args.k), latents=args.latents,
@@ -77,6 +80,7 @@ def main() -> None:
     parser.add_argument("--latents", type=int, default=8192)
     parser.add_argument("--eval-tokens", type=int, default=65_536)
     parser.add_argument("--eval-contexts", type=int, default=32)
+    parser.add_argument("--table-only", action="store_true", help="print the table of the runs that exist; train nothing")
     args = parser.parse_args()
 
     import interp
@@ -86,7 +90,7 @@ def main() -> None:
     args.label_of = {parse_count(b): b for b in labels}
     layers = [int(v) for v in args.layers.split(",")]
     variants = args.variants
-    model = interp.load_model("smollm2-135m")
+    model = None if args.table_only else interp.load_model("smollm2-135m")
     results = {}
     for tokens in args.label_of:
         for layer in layers:
@@ -95,7 +99,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "results.json"
     everything = json.loads(path.read_text()) if path.exists() else {}
-    everything.update(results)
+    everything.update({key: r for key, r in results.items() if r is not None})
     path.write_text(json.dumps(everything, indent=1))
     table = format_table(results, layers, labels, variants)
     print(table)
@@ -108,9 +112,13 @@ def format_table(results: dict, layers: list[int], budgets: list[str], variants:
     for layer in layers:
         for budget in budgets:
             rows = {v: results[f"L{layer}/{budget}/{v}"] for v in variants}
-            best = min(r["fvu"] for r in rows.values())
+            done = [r["fvu"] for r in rows.values() if r is not None]
+            best = min(done, default=None)
             for variant, r in rows.items():
-                mark = " (best)" if r["fvu"] == best and len(rows) > 1 else ""
+                if r is None:
+                    lines.append(f"| {layer} | {budget} | {variant} | not run | | | | | | | | |")
+                    continue
+                mark = " (best)" if r["fvu"] == best and len(done) > 1 else ""
                 lines.append(f"| {layer} | {budget} | {variant} | {r['batch_size']} x {r['steps']} | {r['lr']:.3g} | {r['warmup_steps']} "
                              f"| {r['fvu']:.4f}{mark} | {r['fvu_inliers']:.4f} | {r['dead_fraction']:.1%} | {r['ce_recovered']:.4f} "
                              f"| {r['kl']:.3f} | {r['train_seconds']:.0f} |")

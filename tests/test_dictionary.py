@@ -459,7 +459,7 @@ def test_training_from_the_model_end_to_end(tmp_path):
     rng = np.random.default_rng(0)
     corpus.write_text(" ".join(rng.choice(["red", "green", "blue", "sky", "sea", "stone", "light"], 40_000)))
     config = TrainConfig(model="tiny:llama", layer=1, site="resid_post", k="4,8", latents=128, tokens=20_480,
-                         batch_size=1024, eval_tokens=4096, eval_contexts=4, corpus=str(corpus),
+                         batch_size=1024, lr=1e-2, eval_tokens=4096, eval_contexts=4, corpus=str(corpus),
                          store=tmp_path / "store", out=tmp_path / "run", context_len=64)
     results = train(config, model=model, progress=False)
     assert set(results) == {"sae-topk-k4-128", "sae-topk-k8-128"}

@@ -1,0 +1,85 @@
+"""The short-budget schedule rule (interp.dictionary.schedule) and its use by the trainer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from interp.dictionary import TrainConfig, train
+from interp.dictionary.schedule import resolve_schedule
+from interp.dictionary.train import Trainer
+from interp.errors import InputError
+from interp.store import write_arrays
+
+
+def documented_lr(steps: int, latents: int) -> float:
+    """The README's rule, written out with its numbers: 2e-4/sqrt(latents/16384) x sqrt(max(1, 28000/steps))."""
+    return 2e-4 / math.sqrt(latents / 16384) * math.sqrt(max(1.0, 28000 / steps))
+
+
+@pytest.mark.parametrize("tokens, batch, steps, warmup", [
+    (200_000, 1024, 195, 9), (400_000, 1024, 390, 19), (2_000_000, 2048, 976, 48), (10_000_000, 4096, 2441, 50),
+])
+def test_rule_matches_the_documented_table(tokens, batch, steps, warmup):
+    s = resolve_schedule(tokens, 8192)
+    assert (s.batch_size, s.steps, s.warmup_steps) == (batch, steps, warmup)
+    assert s.lr == pytest.approx(documented_lr(steps, 8192), rel=1e-9)
+    assert all(how.startswith("rule") for how in s.rule.values())
+
+
+def test_short_budget_rate_lies_in_the_flat_part_of_the_development_sweep():
+    # layer 3, 200k tokens: FVU 0.0802 at 2.26e-3, 0.0782 at 4.53e-3, 0.0847 at 1.13e-3 (README)
+    assert 2.26e-3 <= resolve_schedule(200_000, 8192).lr <= 4.53e-3
+
+
+def test_long_runs_keep_the_long_run_rate_and_width_scaling():
+    for latents in (4096, 16384, 65536):
+        s = resolve_schedule(1_000_000_000, latents)
+        assert s.lr == pytest.approx(2e-4 / math.sqrt(latents / 16384), rel=1e-12)
+        assert (s.batch_size, s.warmup_steps) == (4096, 50)
+    assert resolve_schedule(400_000, 4 * 8192).lr == pytest.approx(resolve_schedule(400_000, 8192).lr / 2, rel=1e-12)
+
+
+def test_rate_falls_and_batch_grows_with_the_budget():
+    budgets = [50_000, 200_000, 400_000, 2_000_000, 10_000_000, 100_000_000]
+    schedules = [resolve_schedule(t, 8192) for t in budgets]
+    assert all(a.lr > b.lr for a, b in zip(schedules, schedules[1:]))
+    assert all(a.batch_size <= b.batch_size for a, b in zip(schedules, schedules[1:]))
+    for s in schedules:
+        assert s.batch_size in (1024, 2048, 4096) and 1 <= s.warmup_steps < s.steps
+
+
+def test_explicit_settings_override_the_rule():
+    s = resolve_schedule(400_000, 8192, batch_size=512, lr=1e-3, warmup_steps=0)
+    assert (s.batch_size, s.steps, s.lr, s.warmup_steps) == (512, 781, 1e-3, 0)
+    assert s.rule == {"batch_size": "given", "lr": "given", "warmup_steps": "given"}
+    # a given batch size changes the step count, and so the rule's rate
+    assert resolve_schedule(400_000, 8192, batch_size=4096).lr == pytest.approx(documented_lr(97, 8192), rel=1e-9)
+
+
+def test_bad_settings_are_refused_with_the_valid_choices():
+    with pytest.raises(InputError, match="0 for batch_size and lr, -1 for warmup_steps"):
+        resolve_schedule(400_000, 8192, lr=-1e-3)
+    with pytest.raises(InputError, match="less than one batch of 1024"):
+        resolve_schedule(1000, 8192)
+
+
+def test_trainer_uses_prints_and_records_the_rule(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    store = write_arrays(tmp_path / "store", {"acts": rng.standard_normal((12_000, 16)).astype(np.float32)})
+    config = TrainConfig(model="none", store=store.root, site="acts", k="2", latents=64, tokens=8192,
+                         eval_tokens=2048, eval_contexts=0, checkpoint_every=10**9, out=tmp_path / "run")
+    trainer = Trainer(config, progress=False)
+    assert (trainer.batch_size, trainer.steps, trainer.lr) == (1024, 8, pytest.approx(documented_lr(8, 64), rel=1e-9))
+    assert trainer.lr_at(0) == pytest.approx(trainer.lr / trainer.schedule.warmup_steps)
+
+    config.lr = 1e-3  # the rule's rate for 64 latents and 8 steps is too large to train stably
+    train(config, progress=True)
+    resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
+    assert (resolved["batch_size"], resolved["steps"], resolved["lr"], resolved["warmup_steps"]) == (1024, 8, 1e-3, 1)
+    printed = capsys.readouterr().out
+    assert "schedule: batch 1024 x 8 steps (rule: power of 2 nearest tokens/1000" in printed
+    assert "lr 0.001 (given)" in printed and "warm-up 1 steps (rule: steps/20" in printed
