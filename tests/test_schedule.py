@@ -16,8 +16,8 @@ from interp.store import write_arrays
 
 
 def documented_lr(steps: int, latents: int) -> float:
-    """The README's rule, written out with its numbers: 2e-4/sqrt(latents/16384) x sqrt(max(1, 28000/steps))."""
-    return 2e-4 / math.sqrt(latents / 16384) * math.sqrt(max(1.0, 28000 / steps))
+    """The README's rule, written out with its numbers: 2e-4/sqrt(latents/16384) x sqrt(max(1, 28000/steps)), at most 4.5e-3."""
+    return min(4.5e-3, 2e-4 / math.sqrt(latents / 16384) * math.sqrt(max(1.0, 28000 / steps)))
 
 
 @pytest.mark.parametrize("tokens, batch, steps, warmup", [
@@ -41,6 +41,11 @@ def test_long_runs_keep_the_long_run_rate_and_width_scaling():
         assert s.lr == pytest.approx(2e-4 / math.sqrt(latents / 16384), rel=1e-12)
         assert (s.batch_size, s.warmup_steps) == (4096, 50)
     assert resolve_schedule(400_000, 4 * 8192).lr == pytest.approx(resolve_schedule(400_000, 8192).lr / 2, rel=1e-12)
+
+
+def test_narrow_dictionaries_on_few_steps_are_capped_at_the_largest_tested_rate():
+    s = resolve_schedule(20 * 1024, 128)  # 20 steps, 128 latents: the uncapped rule gives 0.085
+    assert s.steps == 20 and s.lr == 4.5e-3 and "at most 0.0045" in s.rule["lr"]
 
 
 def test_rate_falls_and_batch_grows_with_the_budget():

@@ -6,7 +6,9 @@ the width, unless given explicitly. The rule (README, "Short budgets"):
 - learning rate: ``2e-4 / sqrt(latents / 16384)`` (the long-run rule, after OpenAI's TopK SAE
   scaling) times ``sqrt(LONG_RUN_STEPS / steps)`` when a run has fewer steps than
   ``LONG_RUN_STEPS``: fewer steps need larger ones; runs of ``LONG_RUN_STEPS`` or more (about
-  115M tokens at batch 4096) keep the long-run rate;
+  115M tokens at batch 4096) keep the long-run rate; never above ``MAX_LR``, the largest rate of
+  the development sweep (narrow dictionaries on few steps would otherwise get rates near 0.1 that
+  nothing tested, and diverge);
 - warm-up: ``steps / WARMUP_DIVISOR`` steps, at most ``MAX_WARMUP``.
 
 ``LONG_RUN_STEPS`` was chosen on a development layer (SmolLM2-135M layer 3, 8192 latents, k 32,
@@ -28,6 +30,7 @@ MIN_BATCH, MAX_BATCH = 1024, 4096
 LONG_RUN_STEPS = 28_000  # chosen on development layer 3 (README, "Short budgets")
 WARMUP_DIVISOR = 20
 MAX_WARMUP = 50
+MAX_LR = 4.5e-3  # the top of the development sweep's flat part
 
 
 @dataclass
@@ -69,8 +72,8 @@ def resolve_schedule(tokens: int, latents: int, *, batch_size: int = 0, lr: floa
     if lr:
         rule["lr"] = "given"
     else:
-        lr = long_run_lr(latents) * math.sqrt(max(1.0, LONG_RUN_STEPS / steps))
-        rule["lr"] = f"rule: 2e-4/sqrt(latents/16384) x sqrt(max(1, {LONG_RUN_STEPS}/steps))"
+        lr = min(MAX_LR, long_run_lr(latents) * math.sqrt(max(1.0, LONG_RUN_STEPS / steps)))
+        rule["lr"] = f"rule: 2e-4/sqrt(latents/16384) x sqrt(max(1, {LONG_RUN_STEPS}/steps)), at most {MAX_LR:g}"
     if warmup_steps >= 0:
         rule["warmup_steps"] = "given"
     else:
