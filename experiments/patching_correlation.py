@@ -1,91 +1,134 @@
-"""How well do attribution patching and RelP agree with activation patching? (IOI, embedded model)
+"""How well do attribution patching, AtP* and RelP agree with activation patching? (embedded model)
 
-    python experiments/patching_correlation.py [--prompts 16] [--templates 0,1,2,3,4] [--out runs/patching_correlation]
+    python experiments/patching_correlation.py --split dev [--tasks ioi,factual] [--prompts 6] [--out runs/patching_correlation]
+    python experiments/patching_correlation.py --split test
 
-For each IOI template: runs the full activation-patching sweep (denoising; resid_pre, attn_out
-and mlp_out by layer x position) as the reference, then attribution patching and RelP under
-several rule combinations on the same cells, and prints the Pearson correlation with the
-reference per component type, and the residual-stream cells where RelP and the reference
-disagree most. Ends with a summary over templates.
-The RelP paper (arXiv 2508.21258) reports on GPT-2 small: residual 0.75 -> 0.97, attention
-0.98 -> 0.96, MLP 0.20 -> 0.99 (attribution patching -> RelP).
-Writes, per template under --out/t<N>: correlations.json, the three cell tables (CSV) and
-heatmaps (HTML).
+For each template of the chosen split (``interp/patching/data/ioi.json`` and ``facts.json``:
+``original`` = the five IOI templates the first RelP defaults were chosen on, ``dev`` = held-out
+templates that rules may be chosen on, ``test`` = held-out templates for reporting only), runs the
+full activation-patching sweep (denoising; resid_pre, attn_out and mlp_out by layer x position) as
+the reference, then each estimator on the same cells, and prints the Pearson correlation with the
+reference per template and component, then the mean per split. The reference sweep is the slow
+part: it is kept under --out/<task>-<split>-<template>/activation.csv and reused by later runs
+(delete the folder to recompute), so a killed run resumes where it stopped.
+Writes per template: correlations.json and each estimator's cells (CSV).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 import warnings
 from pathlib import Path
 
+import pandas as pd
+
 warnings.filterwarnings("ignore")
 
-RULE_SETS = ["ln", "identity", "half", "ln,identity", "ln,half", "ln,identity,half", "ln,identity,half,attention"]
-DEFAULT_RULES = "ln,identity,half"
+FIRST_DEFAULT_RULES = "ln,identity,half"  # the RelP default before issue 19, chosen on the 'original' split
 
 
-def one_template(model, template: int, prompts: int, out: Path) -> dict:
-    from interp.patching import DEFAULT_KINDS, Rules, activation_patching, attribution_patching, ioi_task
+def estimators(extra_rules: list[str]) -> dict:
+    """name -> function(model, task) -> PatchingResult."""
+    from interp.patching import Rules, atp_star, attribution_patching
 
-    task = ioi_task(model, prompts, template=template)
-    print(f"\n{task.summary()}")
-    reference = activation_patching(model, task, progress=False)
-    results = {"attribution patching": attribution_patching(model, task)}
-    for rules in RULE_SETS:
-        results[f"RelP [{rules}]"] = attribution_patching(model, task, rules=Rules.parse(rules))
-    table = {name: {kind: result.correlation(reference, kind) for kind in DEFAULT_KINDS} for name, result in results.items()}
+    methods = {
+        "attribution patching": lambda m, t: attribution_patching(m, t),
+        "AtP*": lambda m, t: atp_star(m, t),
+        f"RelP [{FIRST_DEFAULT_RULES}] (before)": lambda m, t: attribution_patching(m, t, rules=Rules.parse(FIRST_DEFAULT_RULES)),
+        "RelP [default]": lambda m, t: attribution_patching(m, t, rules=Rules()),
+    }
+    for rules in extra_rules:
+        methods[f"RelP [{rules}]"] = lambda m, t, rules=rules: attribution_patching(m, t, rules=Rules.parse(rules))
+    return methods
 
-    print(f"Pearson correlation with activation patching ({len(reference.table)} cells, {prompts} prompts)")
-    print(f"{'method':42s}" + "".join(f"{k:>12s}" for k in DEFAULT_KINDS) + f"{'seconds':>10s}")
+
+def reference(model, task, folder: Path):
+    """The activation-patching sweep of ``task``, from folder/activation.csv when an earlier run left it."""
+    from interp.patching import PatchingResult, activation_patching
+
+    path, meta = folder / "activation.csv", folder / "activation.json"
+    if path.exists() and meta.exists() and json.loads(meta.read_text())["task"] == task.summary():
+        info = json.loads(meta.read_text())
+        return PatchingResult("activation", "denoising", task.name, pd.read_csv(path), task.position_labels(model),
+                              task.clean_value, task.corrupt_value, info["seconds"])
+    result = activation_patching(model, task, progress=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    result.table.to_csv(path.with_suffix(".tmp"), index=False)
+    path.with_suffix(".tmp").rename(path)
+    meta.write_text(json.dumps({"task": task.summary(), "seconds": result.seconds}))
+    return result
+
+
+def one_template(model, task_name: str, split: str, template: int, prompts: int, methods: dict, out: Path) -> dict:
+    from interp.patching import DEFAULT_KINDS, TASKS
+
+    task = TASKS[task_name](model, prompts, template=template, split=split)
+    folder = out / f"{task_name}-{split}-{template}"
+    start = time.perf_counter()
+    ref = reference(model, task, folder)
+    print(f"\n{task.summary()}  (reference {time.perf_counter() - start:.0f} s)", flush=True)
+    results = {name: fn(model, task) for name, fn in methods.items()}
+    table = {name: {kind: r.correlation(ref, kind) for kind in DEFAULT_KINDS} for name, r in results.items()}
+    print(f"{'method':44s}" + "".join(f"{k:>11s}" for k in DEFAULT_KINDS) + f"{'seconds':>9s}")
     for name, row in table.items():
-        print(f"{name:42s}" + "".join(f"{row[k]:12.3f}" for k in DEFAULT_KINDS) + f"{results[name].seconds:10.2f}")
-    print(f"{'activation patching (reference)':42s}" + " " * 12 * len(DEFAULT_KINDS) + f"{reference.seconds:10.2f}")
-
-    relp = results[f"RelP [{DEFAULT_RULES}]"]
-    keys = ["kind", "layer", "position"]
-    both = reference.table.merge(relp.table, on=keys, suffixes=("_activation", "_relp"))
-    resid = both[both.kind == "resid_pre"].assign(gap=lambda t: t.score_relp - t.score_activation)
-    labels = task.position_labels(model)
-    by_position = resid.groupby("position").agg(activation=("score_activation", "mean"), relp=("score_relp", "mean"),
-                                                 squared_gap=("gap", lambda g: float((g ** 2).sum())))
-    worst = by_position.sort_values("squared_gap", ascending=False).head(4)
-    print(f"resid_pre positions where RelP [{DEFAULT_RULES}] and activation patching disagree most (mean score over layers):")
-    for position, row in worst.iterrows():
-        print(f"  {labels[position]:>14s}: activation {row.activation:6.2f}  RelP {row.relp:6.2f}  "
-              f"({row.squared_gap / (resid.gap ** 2).sum():.0%} of the squared gap)")
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "correlations.json").write_text(json.dumps(
-        {"task": task.summary(), "cells": len(reference.table), "correlations": table,
-         "seconds": {**{n: r.seconds for n, r in results.items()}, "activation patching": reference.seconds}}, indent=1))
-    for name, result in [("activation", reference), ("attribution", results["attribution patching"]), ("relp", relp)]:
-        result.table.to_csv(out / f"{name}.csv", index=False)
-        result.heatmap().write_html(out / f"{name}.html", include_plotlyjs="directory")  # plotly.min.js beside it: works offline
+        print(f"{name:44s}" + "".join(f"{row[k]:11.3f}" for k in DEFAULT_KINDS) + f"{results[name].seconds:9.2f}")
+    for name, result in results.items():
+        result.table.to_csv(folder / f"{name.split(' [')[0].split(' (')[0].replace(' ', '_').replace('*', 'star')}"
+                                      f"{'' if '[' not in name else '-' + name.split('[')[1].split(']')[0].replace(',', '+')}.csv",
+                            index=False)
+    (folder / "correlations.json").write_text(json.dumps(
+        {"task": task.summary(), "cells": len(ref.table), "correlations": table,
+         "seconds": {**{n: r.seconds for n, r in results.items()}, "activation patching": ref.seconds}}, indent=1))
     return table
+
+
+def summary(tables: dict, title: str) -> dict:
+    """Mean correlation per method and component over ``tables`` (template -> method -> kind -> r)."""
+    from interp.patching import DEFAULT_KINDS
+
+    names = list(next(iter(tables.values())))
+    print(f"\n{title}: Pearson correlation with activation patching, mean over {len(tables)} templates (min in brackets)")
+    print(f"{'method':44s}" + "".join(f"{k:>16s}" for k in DEFAULT_KINDS))
+    means = {}
+    for name in names:
+        values = {k: [t[name][k] for t in tables.values()] for k in DEFAULT_KINDS}
+        means[name] = {k: sum(v) / len(v) for k, v in values.items()}
+        print(f"{name:44s}" + "".join(f"{means[name][k]:9.3f} ({min(values[k]):4.2f})" for k in DEFAULT_KINDS))
+    return means
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--templates", default="0,1,2,3,4", help="comma-separated IOI template numbers")
+    parser.add_argument("--split", default="dev", help="original, dev or test (comma-separated for several)")
+    parser.add_argument("--tasks", default="ioi,factual", help="ioi and/or factual")
+    parser.add_argument("--templates", default="", help="comma-separated template numbers (default: every template of the split)")
+    parser.add_argument("--prompts", type=int, default=6)
+    parser.add_argument("--rules", default="", help="extra RelP rule sets to compare, separated by ';' (e.g. 'ln;ln,identity')")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "patching_correlation")
     args = parser.parse_args()
 
     import interp
-    from interp.patching import DEFAULT_KINDS
+    from interp.patching import Rules, templates
 
+    print(f"RelP default rules: {Rules()}")
     model = interp.load_model("smollm2-135m")
-    templates = [int(t) for t in args.templates.split(",")]
-    tables = {t: one_template(model, t, args.prompts, args.out / f"t{t}") for t in templates}
-
-    print(f"\nSummary: Pearson correlation with activation patching, per template ({args.prompts} prompts each)")
-    for name in ("attribution patching", f"RelP [{DEFAULT_RULES}]", "RelP [ln,identity,half,attention]"):
-        print(name)
-        for kind in DEFAULT_KINDS:
-            values = [tables[t][name][kind] for t in templates]
-            print(f"  {kind:10s}" + "".join(f"{v:8.3f}" for v in values) + f"   mean {sum(values) / len(values):.3f}")
+    methods = estimators([r for r in args.rules.split(";") if r])
+    report = {}
+    for split in args.split.split(","):
+        tables = {}
+        for task_name in args.tasks.split(","):
+            numbers = [int(t) for t in args.templates.split(",")] if args.templates else range(len(templates(task_name, split)))
+            for t in numbers:
+                tables[f"{task_name} {t}"] = one_template(model, task_name, split, t, args.prompts, methods, args.out)
+        report[split] = {"per template": tables, "mean": summary(tables, f"{split} split")}
+        for task_name in args.tasks.split(","):
+            part = {k: v for k, v in tables.items() if k.startswith(task_name)}
+            if part and len(args.tasks.split(",")) > 1:
+                report[split][f"mean {task_name}"] = summary(part, f"{split} split, {task_name} only")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"summary-{args.split.replace(',', '+')}.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
 
 
