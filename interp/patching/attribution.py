@@ -56,9 +56,11 @@ def attribution_patching(
                           task.corrupt_value, time.perf_counter() - start)
 
 
-def gradients_at(model: Model, task: PatchingTask, tokens: interp.Tokens, sites: list[str], rules: Rules | None
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Activations and d(mean metric)/d(activation) at ``sites`` on ``tokens`` (parameters get no gradient)."""
+def gradients_at(model: Model, task: PatchingTask, tokens: interp.Tokens, sites: list[str], rules: Rules | None,
+                 *, allow_cut: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Activations and d(mean metric)/d(activation) at ``sites`` on ``tokens`` (parameters get no gradient).
+
+    ``allow_cut``: a site no gradient reaches gets zeros (for callers that cut the graph on purpose)."""
     captured: dict[str, torch.Tensor] = {}
     values: dict[str, torch.Tensor] = {}  # for sites the model later changes in place: their value when read
 
@@ -97,6 +99,9 @@ def gradients_at(model: Model, task: PatchingTask, tokens: interp.Tokens, sites:
         raise InputError(f"the forward pass never reached site(s) {', '.join(missing)}, so they have no gradient")
     # The metric reads every captured tensor in a connected model; no gradient means something cut the graph.
     cut = [s for s, t in captured.items() if t.grad is None]
+    if cut and allow_cut:
+        return ({s: values.get(s, t.detach()) for s, t in captured.items()},
+                {s: torch.zeros_like(t) if t.grad is None else t.grad.detach() for s, t in captured.items()})
     if cut:
         raise InputError(f"no gradient reached site(s) {', '.join(cut)}: the graph from there to the metric is cut "
                          "(a hook detached it, or a rule holds something between it and the metric constant, as the attention rule does "
