@@ -1,6 +1,6 @@
 """How well do attribution patching, AtP* and RelP agree with activation patching? (embedded model)
 
-    python experiments/patching_correlation.py --split dev [--tasks ioi,factual] [--prompts 6] [--out runs/patching_correlation]
+    python experiments/patching_correlation.py --split dev [--tasks ioi,factual] [--prompts ioi=4,factual=6] [--out runs/patching_correlation]
     python experiments/patching_correlation.py --split test
 
 For each template of the chosen split (``interp/patching/data/ioi.json`` and ``facts.json``:
@@ -99,12 +99,19 @@ def summary(tables: dict, title: str) -> dict:
     return means
 
 
+def prompt_counts(text: str) -> dict[str, int]:
+    """'ioi=4,factual=6' -> {'ioi': 4, 'factual': 6}; a bare number applies to every task."""
+    if text.isdigit():
+        return {"ioi": int(text), "factual": int(text)}
+    return {name: int(n) for name, n in (part.split("=") for part in text.split(","))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--split", default="dev", help="original, dev or test (comma-separated for several)")
     parser.add_argument("--tasks", default="ioi,factual", help="ioi and/or factual")
     parser.add_argument("--templates", default="", help="comma-separated template numbers (default: every template of the split)")
-    parser.add_argument("--prompts", type=int, default=6)
+    parser.add_argument("--prompts", default="ioi=4,factual=6", help="prompt pairs per template, per task")
     parser.add_argument("--rules", default="", help="extra RelP rule sets to compare, separated by ';' (e.g. 'ln;ln,identity')")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "patching_correlation")
     args = parser.parse_args()
@@ -115,13 +122,14 @@ def main() -> None:
     print(f"RelP default rules: {Rules()}")
     model = interp.load_model("smollm2-135m")
     methods = estimators([r for r in args.rules.split(";") if r])
+    prompts = prompt_counts(args.prompts)
     report = {}
     for split in args.split.split(","):
         tables = {}
         for task_name in args.tasks.split(","):
             numbers = [int(t) for t in args.templates.split(",")] if args.templates else range(len(templates(task_name, split)))
             for t in numbers:
-                tables[f"{task_name} {t}"] = one_template(model, task_name, split, t, args.prompts, methods, args.out)
+                tables[f"{task_name} {t}"] = one_template(model, task_name, split, t, prompts[task_name], methods, args.out)
         report[split] = {"per template": tables, "mean": summary(tables, f"{split} split")}
         for task_name in args.tasks.split(","):
             part = {k: v for k, v in tables.items() if k.startswith(task_name)}

@@ -40,6 +40,7 @@ from interp.models.hooks import StopForward, tap_scores
 from interp.patching.activation import DEFAULT_KINDS, Cell, cell_region, cell_table, plan
 from interp.patching.attribution import gradients_at
 from interp.patching.result import PatchingResult
+from interp.patching.rules import Rules
 
 if TYPE_CHECKING:
     from interp.models.model import Model, Tokens
@@ -59,8 +60,12 @@ def atp_star(
     heads: bool = False,
     cells: Sequence[Cell] | None = None,
     grad_drop: bool = False,
+    rules: Rules | None = None,
 ) -> PatchingResult:
-    """AtP* estimates for every cell: attribution patching with the QK fix (and GradDrop if asked)."""
+    """AtP* estimates for every cell: attribution patching with the QK fix (and GradDrop if asked).
+
+    ``rules``: take the gradients through RelP's rules (RelP with the QK fix).
+    """
     start = time.perf_counter()
     if model.cfg.backend == "transformer_lens" or not model.arch.pattern:
         raise InputError(f"AtP* recomputes attention patterns from queries and keys, which interp reaches only for HF "
@@ -78,7 +83,7 @@ def atp_star(
     for dropped in drops:
         qk: dict[int, dict[str, Any]] = {}
         with _capture_qk(model, reading_layers, qk), _drop_gradient(model, dropped):
-            acts, grads = gradients_at(model, task, base, list(dict.fromkeys(sites + resid_sites + pattern_sites)), None,
+            acts, grads = gradients_at(model, task, base, list(dict.fromkeys(sites + resid_sites + pattern_sites)), rules,
                                            allow_cut=dropped is not None or model.active_interventions > 0)
         runs.append((acts, grads, qk))
     acts, _, qk = runs[0]
@@ -101,7 +106,8 @@ def atp_star(
     final = estimates[0] if not grad_drop else estimates[1:].abs().mean(0)
     base_value = task.corrupt_value if direction == "denoising" else task.clean_value
     table = cell_table(model, task, cells, [base_value + float(e) for e in final])
-    return PatchingResult("atp*" + ("+graddrop" if grad_drop else ""), direction, task.name, table,
+    method = ("atp*" if rules is None else "relp+qk") + ("+graddrop" if grad_drop else "")
+    return PatchingResult(method, direction, task.name, table,
                           task.position_labels(model), task.clean_value, task.corrupt_value, time.perf_counter() - start)
 
 
