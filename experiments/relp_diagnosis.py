@@ -30,9 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from patching_correlation import prompt_counts, reference  # noqa: E402
 
 KINDS = ("resid_pre", "attn_out", "mlp_out")
-RULE_SETS = ["ln", "identity", "half", "attention", "ln_final", "ln_blocks",
-             "identity,half", "ln,half", "ln,identity", "ln,identity,half",
-             "ln_blocks,identity,half", "ln,identity,signal", "ln,signal", "ln,identity,half,attention"]
+RULE_SETS = ["ln", "identity", "half", "attention", "ln,identity,half", "ln_blocks,identity,half", "ln,identity,signal",
+             "ln,identity,half,attention"]
 BREAKDOWN = ["ln,identity,half"]
 
 

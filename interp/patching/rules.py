@@ -62,6 +62,12 @@ class Rules:
         return cls(ln=blocks, final_norm=None if blocks == final else final, identity="identity" in chosen,
                    half="half" in chosen, signal="signal" in chosen, attention="attention" in chosen)
 
+    def __str__(self) -> str:
+        """The rule names, as ``parse`` reads them."""
+        norms = "ln" if self.ln and self.on_final_norm() else "ln_blocks" if self.ln else "ln_final" if self.on_final_norm() else ""
+        names = [norms] + [n for n in ("identity", "half", "signal", "attention") if getattr(self, n)]
+        return ",".join(n for n in names if n) or "none"
+
     def on_final_norm(self) -> bool:
         return self.ln if self.final_norm is None else self.final_norm
 
