@@ -38,6 +38,7 @@ def estimators(extra_rules: list[str]) -> dict:
         "AtP*": lambda m, t: atp_star(m, t),
         f"RelP [{FIRST_DEFAULT_RULES}] (before)": lambda m, t: attribution_patching(m, t, rules=Rules.parse(FIRST_DEFAULT_RULES)),
         "RelP [default]": lambda m, t: attribution_patching(m, t, rules=Rules()),
+        "RelP [default] + QK fix": lambda m, t: atp_star(m, t, rules=Rules()),
     }
     for rules in extra_rules:
         methods[f"RelP [{rules}]"] = lambda m, t, rules=rules: attribution_patching(m, t, rules=Rules.parse(rules))

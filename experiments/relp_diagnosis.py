@@ -30,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from patching_correlation import prompt_counts, reference  # noqa: E402
 
 KINDS = ("resid_pre", "attn_out", "mlp_out")
-RULE_SETS = ["ln", "identity", "half", "attention", "ln,identity,half", "ln_blocks,identity,half", "ln,identity,signal",
-             "ln,identity,half,attention"]
+RULE_SETS = ["ln", "identity", "half", "ln,identity,half", "ln_blocks,identity,half", "ln,identity,signal"]
 BREAKDOWN = ["ln,identity,half"]
 
 
@@ -116,6 +115,8 @@ def main() -> None:
                                 ["attribution patching", "AtP*"] + [f"RelP [{r}]" for r in BREAKDOWN + extra]
                                 + [f"RelP [{r}] + QK fix" for r in BREAKDOWN]}
             print(f"{task.summary()}", flush=True)
+            for m, row in correlations[name].items():
+                print(f"  {m:44s}" + "".join(f"{row[k]:8.3f}" for k in KINDS), flush=True)
 
     print(f"\n{args.split} split: mean Pearson correlation with activation patching over {len(correlations)} templates")
     print(f"{'method':44s}" + "".join(f"{k:>11s}" for k in KINDS))
