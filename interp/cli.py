@@ -321,15 +321,16 @@ def dashboard_cmd(config: DashboardConfig) -> None:
 @dataclass
 class PatchConfig:
     task: str = opt("ioi", "ioi or factual")
-    method: str = opt("activation", "activation, attribution or relp")
+    method: str = opt("activation", "activation, attribution, atpstar (AtP*: attribution with the QK fix) or relp")
     model: str = opt("smollm2-135m", "embedded name, HF folder or hub id")
     n: int = opt(8, "prompt pairs")
-    template: int = opt(0, "ioi: which template")
+    template: int = opt(0, "which template of the split")
+    split: str = opt("original", "template list: original, dev or test (held-out templates)")
     kinds: str = opt("resid_pre,attn_out,mlp_out", "site kinds to patch (z for attention heads)")
     heads: bool = opt(False, "patch attention heads (kind z) one by one")
     per_position: bool = opt(True, "one cell per position (else all positions at once)")
     direction: str = opt("denoising", "denoising (clean into corrupt) or noising")
-    rules: str = opt("ln,identity,half", "relp: LRP rules (ln, identity, half, attention; all; none)")
+    rules: str = opt("default", "relp: LRP rules (ln, ln_blocks, ln_final, identity, half, signal, attention; all; none; default)")
     seed: int = opt(0, "seed for the prompt pairs")
     out: Path = opt(Path("runs/patch"), "folder for config.json, cells.csv and heatmap.html")
 
@@ -338,21 +339,29 @@ class PatchConfig:
 def patch_cmd(config: PatchConfig) -> None:
     """Activation, attribution or relevance patching on a built-in task; table, heatmap and timing."""
     from interp.models import load_model
-    from interp.patching import TASKS, Rules, activation_patching, attribution_patching
+    from interp.patching import SPLITS, TASKS, Rules, activation_patching, atp_star, attribution_patching, templates
 
-    if config.task not in TASKS or config.method not in ("activation", "attribution", "relp"):
-        raise InputError(f"--task must be one of {', '.join(TASKS)} and --method one of activation, attribution, relp")
+    methods = ("activation", "attribution", "atpstar", "relp")
+    method = "atpstar" if config.method == "atp*" else config.method
+    if config.task not in TASKS or method not in methods:
+        raise InputError(f"--task must be one of {', '.join(TASKS)} and --method one of {', '.join(methods)}")
+    if config.split not in SPLITS:
+        raise InputError(f"--split {config.split!r}: choose from {', '.join(SPLITS)}")
+    count = len(templates(config.task, config.split))
+    if not 0 <= config.template < count:
+        raise InputError(f"--template {config.template}: the {config.split} split of {config.task} has templates 0..{count - 1}")
+    rules = Rules() if config.rules == "default" else Rules.parse(config.rules)
     model = load_model(config.model)
-    kwargs = {"template": config.template} if config.task == "ioi" else {}
-    task = TASKS[config.task](model, config.n, seed=config.seed, **kwargs)
+    task = TASKS[config.task](model, config.n, template=config.template, split=config.split, seed=config.seed)
     typer.echo(task.summary())
     kinds = [k.strip() for k in config.kinds.split(",") if k.strip()]
     common = dict(direction=config.direction, per_position=config.per_position, heads=config.heads)
-    if config.method == "activation":
+    if method == "activation":
         result = activation_patching(model, task, kinds, **common)
+    elif method == "atpstar":
+        result = atp_star(model, task, kinds, **common)
     else:
-        rules = Rules.parse(config.rules) if config.method == "relp" else None
-        result = attribution_patching(model, task, kinds, rules=rules, **common)
+        result = attribution_patching(model, task, kinds, rules=rules if method == "relp" else None, **common)
     write_config(config, config.out)
     atomic_write(config.out / "cells.csv", lambda tmp: result.table.to_csv(tmp, index=False))
     # plotly.min.js beside the page (written by plotly itself): works offline

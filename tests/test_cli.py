@@ -55,3 +55,16 @@ def test_patch_writes_cells_and_an_offline_heatmap(embedded, tmp_path):
     assert (tmp_path / "plotly.min.js").exists() and "cdn.plot.ly" not in (tmp_path / "heatmap.html").read_text()
     bad = runner.invoke(app, ["patch", "--method", "exact", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "--method" in bad.output and "Traceback" not in bad.output
+
+
+@pytest.mark.embedded
+def test_patch_runs_atp_star_on_a_held_out_template(embedded, tmp_path):
+    result = runner.invoke(app, ["patch", "--method", "atpstar", "--task", "factual", "--split", "test", "--template", "2",
+                                 "--n", "2", "--kinds", "resid_pre", "--no-per-position", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "factual[test 2]" in result.output
+    assert len((tmp_path / "cells.csv").read_text().splitlines()) == 1 + 30
+    bad = runner.invoke(app, ["patch", "--split", "train", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "--split" in bad.output and "dev" in bad.output and "Traceback" not in bad.output
+    bad = runner.invoke(app, ["patch", "--split", "dev", "--template", "99", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "0..7" in bad.output

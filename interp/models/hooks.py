@@ -138,6 +138,7 @@ class PatternHook(SiteHook):
 
 
 _pattern_hooks: weakref.WeakKeyDictionary[nn.Module, dict[int, HookFn]] = weakref.WeakKeyDictionary()
+_score_taps: weakref.WeakKeyDictionary[nn.Module, dict[int, Callable]] = weakref.WeakKeyDictionary()
 _pattern_users: dict[int, list] = {}  # id(config) -> [number of attached hooks, saved implementation]
 _PREFIX = "interp_pattern:"
 
@@ -147,8 +148,8 @@ class _PatternHandle:
 
     _next_id = 0
 
-    def __init__(self, attn: nn.Module, config: Any, fn: HookFn):
-        self.hooks = _pattern_hooks.setdefault(attn, {})
+    def __init__(self, attn: nn.Module, config: Any, fn: Callable, registry: weakref.WeakKeyDictionary = _pattern_hooks):
+        self.hooks = registry.setdefault(attn, {})
         self.config = config
         self.id = _PatternHandle._next_id
         _PatternHandle._next_id += 1
@@ -223,6 +224,8 @@ def pattern_attention(
         scores = scores.masked_fill(~attention_mask[..., : keys.shape[-2]], torch.finfo(scores.dtype).min)
     else:
         scores = scores + attention_mask[..., : keys.shape[-2]]
+    for tap in list(_score_taps.get(module, {}).values()):
+        tap(query, keys, scores, lambda dots: torch.tanh(dots * scale / softcap) * softcap if softcap else dots * scale)
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     hooks = list(_pattern_hooks.get(module, {}).values())
     frozen = any(fn is _freeze_pattern for fn in hooks)
@@ -257,3 +260,17 @@ def _freeze_pattern(_pattern: torch.Tensor) -> None:
 def stop_pattern_gradient(attn: nn.Module, config: Any) -> RemovableHandle:
     """Until removed, ``attn`` passes no gradient through its attention pattern (values unchanged)."""
     return _PatternHandle(attn, config, _freeze_pattern)  # type: ignore[return-value]
+
+
+ScoreTap = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], None]
+
+
+def tap_scores(attn: nn.Module, config: Any, fn: ScoreTap) -> RemovableHandle:
+    """Until removed, ``fn(query, keys, scores, transform)`` sees every call of ``attn``.
+
+    ``query`` and ``keys`` [batch, head, position, head_dim] are what the scores are made of (after
+    rotary embeddings; keys repeated for grouped-query attention); ``scores`` is what the softmax
+    reads (scaled, soft-capped, masked); ``transform`` maps dot products q.k to scores before the
+    mask. ``fn`` may raise ``StopForward``. Attention runs through ``pattern_attention`` meanwhile.
+    """
+    return _PatternHandle(attn, config, fn, _score_taps)  # type: ignore[return-value]

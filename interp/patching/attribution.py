@@ -56,13 +56,14 @@ def attribution_patching(
                           task.corrupt_value, time.perf_counter() - start)
 
 
-def gradients_at(model: Model, task: PatchingTask, tokens: interp.Tokens, sites: list[str], rules: Rules | None
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def gradients_at(model: Model, task: PatchingTask, tokens: interp.Tokens, sites: list[str], rules: Rules | None,
+                 *, allow_cut: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Activations and d(mean metric)/d(activation) at ``sites`` on ``tokens`` (parameters get no gradient).
 
     A hook point may fire more than once per forward (TransformerLens runs ``ln1`` once each for
     the query, key and value inputs): every call gets a node of its own, and the site's gradient
-    is the sum over its calls, which is the gradient of the one activation they all read."""
+    is the sum over its calls, which is the gradient of the one activation they all read.
+    ``allow_cut``: a site no gradient reaches gets zeros (for callers that cut the graph on purpose)."""
     captured: dict[str, list[torch.Tensor]] = {}
     values: dict[str, torch.Tensor] = {}  # for sites the model later changes in place: their value when read
 
@@ -104,6 +105,10 @@ def gradients_at(model: Model, task: PatchingTask, tokens: interp.Tokens, sites:
         raise InputError(f"the forward pass never reached site(s) {', '.join(missing)}, so they have no gradient")
     # The metric reads every captured tensor in a connected model; no gradient means something cut the graph.
     cut = [s for s, calls in captured.items() if all(t.grad is None for t in calls)]
+    if cut and allow_cut:
+        return ({s: values.get(s, calls[0].detach()) for s, calls in captured.items()},
+                {s: sum((t.grad.detach() for t in calls if t.grad is not None), torch.zeros_like(calls[0]))
+                 for s, calls in captured.items()})
     if cut:
         raise InputError(f"no gradient reached site(s) {', '.join(cut)}: the graph from there to the metric is cut "
                          "(a hook detached it, or a rule holds something between it and the metric constant, as the attention rule does "

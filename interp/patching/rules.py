@@ -8,7 +8,10 @@ is a context manager) and act through the model's own modules or hook points:
 - ``ln``: every norm (LayerNorm, RMSNorm, gain w or 1 + w) with its normalising scale held constant (LN-rule);
 - ``identity``: the MLP's activation (GELU, SiLU, ReLU variants) as x * stopgrad(f(x) / x) (identity rule);
 - ``half``: gated products (act(gate) * up, fused gate_up projections too): each factor receives half (half rule);
-- ``attention``: attention patterns held constant (AH-rule).
+- ``attention``: attention patterns held constant (AH-rule);
+- ``signal`` (instead of ``half``): a gated product passes everything back through ``up``, the gate
+  act(gate) held constant (LRP's signal-take-all rule for gates).
+``ln_blocks`` / ``ln_final`` apply the LN-rule to the norms inside blocks / the final norm only.
 With all four, a bias-free network is linear in its input along the backward pass, so relevance
 (input x gradient) sums to the output (conservation).
 """
@@ -37,15 +40,36 @@ class Rules:
     identity: bool = True
     half: bool = True
     attention: bool = False
+    signal: bool = False  # gated products: everything through the linear factor, act(gate) held constant
+    final_norm: bool | None = None  # the LN-rule on the final norm; None: as ``ln``
+
+    def __post_init__(self) -> None:
+        if self.half and self.signal:
+            raise InputError("rules 'half' and 'signal' both set what a gated product passes back; choose one")
 
     @classmethod
     def parse(cls, text: str) -> Rules:
-        """'ln,identity,half' -> Rules(...); 'all' and 'none' work too."""
-        names = {"ln", "identity", "half", "attention"}
-        chosen = names if text == "all" else set() if text == "none" else {t.strip() for t in text.split(",") if t.strip()}
+        """'ln,identity,half' -> Rules(...); 'all' (ln, identity, half, attention) and 'none' work too.
+
+        'ln' covers every norm; 'ln_blocks' the norms inside blocks only, 'ln_final' the final norm only.
+        """
+        names = {"ln", "ln_blocks", "ln_final", "identity", "half", "signal", "attention"}
+        chosen = {"ln", "identity", "half", "attention"} if text == "all" else set() if text == "none" else {
+            t.strip() for t in text.split(",") if t.strip()}
         if chosen - names:
             raise InputError(f"unknown rule(s) {sorted(chosen - names)}; choose from {sorted(names)}, 'all' or 'none'")
-        return cls(**{n: n in chosen for n in names})
+        blocks, final = bool(chosen & {"ln", "ln_blocks"}), bool(chosen & {"ln", "ln_final"})
+        return cls(ln=blocks, final_norm=None if blocks == final else final, identity="identity" in chosen,
+                   half="half" in chosen, signal="signal" in chosen, attention="attention" in chosen)
+
+    def __str__(self) -> str:
+        """The rule names, as ``parse`` reads them."""
+        norms = "ln" if self.ln and self.on_final_norm() else "ln_blocks" if self.ln else "ln_final" if self.on_final_norm() else ""
+        names = [norms] + [n for n in ("identity", "half", "signal", "attention") if getattr(self, n)]
+        return ",".join(n for n in names if n) or "none"
+
+    def on_final_norm(self) -> bool:
+        return self.ln if self.final_norm is None else self.final_norm
 
 
 def _surrogate(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
@@ -152,10 +176,11 @@ def _hf_rules(model: Model, rules: Rules) -> list[Any]:
                          f"({type(layers[0].get_submodule(arch.attn)).__name__}) does not run through transformers' "
                          "attention interface, where interp reaches the pattern")
     handles: list[Any] = []
-    if rules.ln:
-        handles += [module.register_forward_hook(_NormRule(name), prepend=True) for name, module in root.named_modules() if is_norm(module)]
+    final = model.final_norm
+    handles += [module.register_forward_hook(_NormRule(name), prepend=True) for name, module in root.named_modules()
+                if is_norm(module) and (rules.on_final_norm() if module is final else rules.ln)]
     for index, layer in enumerate(layers):
-        if rules.identity or rules.half:
+        if rules.identity or rules.half or rules.signal:
             handles += _mlp_rules(f"{arch.layers}.{index}.{arch.mlp}", layer.get_submodule(arch.mlp),
                                   layer.get_submodule(arch.mlp_out_proj), rules)
     if rules.attention:
@@ -191,13 +216,13 @@ def _mlp_rules(name: str, mlp: nn.Module, down: nn.Module, rules: Rules) -> list
 
     def split(_m: nn.Module, args: tuple) -> tuple | None:
         hidden, act = hidden_input(args, {}), seen.pop("act", None)
-        if not rules.half or act is None or act.shape != hidden.shape or torch.equal(act, hidden):
+        if not (rules.half or rules.signal) or act is None or act.shape != hidden.shape or torch.equal(act, hidden):
             return None  # not a gated product
         if "up" not in seen:
             seen["up"] = _find_up(name, seen, act, hidden)
         linear, part = seen["up"]
         up = seen[linear] if part is None else seen[linear].chunk(2, dim=-1)[part]
-        product = 0.5 * (act * up.detach()) + 0.5 * (act.detach() * up)
+        product = act.detach() * up if rules.signal else 0.5 * (act * up.detach()) + 0.5 * (act.detach() * up)
         return (_surrogate(hidden, product), *args[1:])
 
     linears = [(n, m) for n, m in mlp.named_modules() if n and m is not down and isinstance(m, nn.Linear)]
@@ -224,11 +249,11 @@ def _find_up(name: str, seen: dict[str, Any], act: torch.Tensor, hidden: torch.T
 def _transformer_lens_rules(model: Model, rules: Rules) -> list[Any]:
     points = model.module.hook_dict
     handles: list[Any] = []
-    if rules.ln:
-        handles += [p.register_forward_hook(_detach, prepend=True) for n, p in points.items() if n.endswith("hook_scale")]
+    handles += [p.register_forward_hook(_detach, prepend=True) for n, p in points.items() if n.endswith("hook_scale")
+                and (rules.on_final_norm() if n.startswith("ln_final") else rules.ln)]
     if rules.attention:
         handles += [p.register_forward_hook(_detach, prepend=True) for n, p in points.items() if n.endswith("attn.hook_pattern")]
-    if rules.identity or rules.half:
+    if rules.identity or rules.half or rules.signal:
         for layer, block in enumerate(model.module.blocks):
             handles += _transformer_lens_mlp_rules(block.mlp, points, layer, rules)
     return handles
@@ -246,7 +271,10 @@ def _transformer_lens_mlp_rules(mlp: nn.Module, points: dict, layer: int, rules:
         if "linear" not in seen:
             return _surrogate(post, gate)
         linear = seen.pop("linear")
-        product = 0.5 * (gate * linear.detach()) + 0.5 * (act.detach() * linear) if rules.half else gate * linear
+        if rules.signal:
+            product = act.detach() * linear
+        else:
+            product = 0.5 * (gate * linear.detach()) + 0.5 * (act.detach() * linear) if rules.half else gate * linear
         return _surrogate(post, product)
 
     # hook_pre / hook_pre_linear are sites themselves: their values are kept after the hooks already

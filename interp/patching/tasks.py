@@ -77,16 +77,40 @@ def _single_token(model: Model, text: str) -> int | None:
     return ids[0] if len(ids) == 1 else None
 
 
-def ioi_task(model: Model, n: int = 16, *, template: int = 0, seed: int = 0, max_candidates: int = 400) -> PatchingTask:
+SPLITS = ("original", "dev", "test")
+
+
+def templates(task: str, split: str = "original") -> list[str]:
+    """The prompt templates of a built-in task (``ioi`` or ``factual``) in one split.
+
+    ``original``: the templates the RelP defaults were first chosen on; ``dev``: held-out templates
+    rules and defaults may be chosen on; ``test``: held-out templates for reporting only.
+    """
+    files = {"ioi": "ioi.json", "factual": "facts.json"}
+    if task not in files:
+        raise InputError(f"task {task!r} has no templates; choose from {', '.join(files)}")
+    if split not in SPLITS:
+        raise InputError(f"split {split!r}: choose from {', '.join(SPLITS)}")
+    data = resource_json(files[task])
+    return data["templates"] if split == "original" else data[split]
+
+
+def _template(task: str, split: str, template: int) -> str:
+    chosen = templates(task, split)
+    if not 0 <= template < len(chosen):
+        raise InputError(f"template {template}: the {split} split of {task} has templates 0..{len(chosen) - 1}")
+    return chosen[template]
+
+
+def ioi_task(model: Model, n: int = 16, *, template: int = 0, split: str = "original", seed: int = 0,
+             max_candidates: int = 400) -> PatchingTask:
     """Indirect-object identification: "When A and B went to the store, B gave a drink to" -> " A".
 
     The corrupt prompt swaps A and B everywhere, so its answer is B. One template per task, so
-    every prompt has the same length.
+    every prompt has the same length; ``split`` picks the template list (see ``templates``).
     """
+    pattern = _template("ioi", split, template)
     data = resource_json("ioi.json")
-    if not 0 <= template < len(data["templates"]):
-        raise InputError(f"template {template}: choose 0..{len(data['templates']) - 1}")
-    pattern = data["templates"][template]
     names = [x for x in data["names"] if _single_token(model, " " + x) is not None]
     places = [x for x in data["places"] if _single_token(model, " " + x) is not None]
     objects = [x for x in data["objects"] if _single_token(model, " " + x) is not None]
@@ -98,24 +122,30 @@ def ioi_task(model: Model, n: int = 16, *, template: int = 0, seed: int = 0, max
         clean = pattern.format(A=" " + a, B=" " + b, **fill)
         corrupt = pattern.format(A=" " + b, B=" " + a, **fill)
         rows.append((clean, corrupt, " " + a, " " + b))
-    return _build(model, f"ioi[{template}]", rows, n)
+    return _build(model, _task_name("ioi", split, template), rows, n)
 
 
-def factual_task(model: Model, n: int = 16, *, seed: int = 0) -> PatchingTask:
+def _task_name(task: str, split: str, template: int) -> str:
+    return f"{task}[{template}]" if split == "original" else f"{task}[{split} {template}]"
+
+
+def factual_task(model: Model, n: int = 16, *, template: int = 0, split: str = "original", seed: int = 0) -> PatchingTask:
     """Factual recall: "The Eiffel Tower is located in the city of" -> " Paris"; the corrupt prompt
-    has another subject of the same token length (and another city)."""
+    has another subject of the same token length (and another city). ``split`` picks the template
+    list (see ``templates``)."""
+    pattern = _template("factual", split, template)
     data = resource_json("facts.json")
     facts = [(s, c) for s, c in data["facts"] if _single_token(model, " " + c) is not None]
-    length = {s: len(model.tokenizer(data["template"].format(subject=s), add_special_tokens=False)["input_ids"]) for s, _ in facts}
+    length = {s: len(model.tokenizer(pattern.format(subject=s), add_special_tokens=False)["input_ids"]) for s, _ in facts}
     rng = random.Random(seed)
     rows = []
     for subject, city in facts:
         others = [(s, c) for s, c in facts if c != city and length[s] == length[subject]]
         if others:
             other, other_city = rng.choice(others)
-            rows.append((data["template"].format(subject=subject), data["template"].format(subject=other), " " + city, " " + other_city))
+            rows.append((pattern.format(subject=subject), pattern.format(subject=other), " " + city, " " + other_city))
     rng.shuffle(rows)
-    return _build(model, "factual", rows, n)
+    return _build(model, _task_name("factual", split, template), rows, n)
 
 
 def pairs_task(model: Model, clean: Sequence[str], corrupt: Sequence[str], answers: Sequence[str],

@@ -1,0 +1,235 @@
+"""AtP* (Kramar et al. 2024, arXiv 2403.00745): attribution patching with the QK fix, and optionally GradDrop.
+
+Attribution patching linearises the whole model. Where a patch changes the queries or keys of an
+attention layer whose softmax is saturated, the linear estimate of the pattern change is far off
+(the gradient of a saturated softmax is near zero however much the scores move). The QK fix
+computes that one change exactly: for the first attention layer that reads the patched residual
+stream (layer L for ``resid_pre`` L; L + 1 for ``attn_out``, ``mlp_out``, ``resid_mid`` and
+``resid_post`` L), it recomputes the queries and keys from the patched residual, takes the softmax
+of the new scores, and multiplies the change of the pattern by the gradient of the metric with
+respect to the pattern. The estimate is then
+
+    attribution estimate - (linear estimate through that layer's queries and keys) + QK fix,
+
+where the linear estimate through queries and keys is (q' - q) . dM/dq + (k' - k) . dM/dk, the
+attribution estimate of patching the queries and keys themselves. Everything downstream of the
+pattern stays linear. A cell at one position changes one query row (all its keys) and one key
+column (every later query) of each head; both are computed in closed form from the base scores,
+so the fix costs one partial forward per layer (queries and keys only) plus O(heads x positions^2)
+arithmetic per cell. Cells of other kinds (heads' ``z``, MLP hidden, norms) get the attribution estimate.
+
+GradDrop (``grad_drop=True``) is the paper's second fix, against cancellation: one more backward
+pass per layer, each with the gradient through that layer's attention and MLP outputs set to zero;
+the estimate is the mean over layers of the absolute QK-fixed estimate (a magnitude, for finding
+components that matter; it has no sign). It costs n_layers extra backward passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+import interp
+from interp.errors import InputError
+from interp.models.hooks import StopForward, tap_scores
+from interp.patching.activation import DEFAULT_KINDS, Cell, cell_region, cell_table, plan
+from interp.patching.attribution import gradients_at
+from interp.patching.result import PatchingResult
+from interp.patching.rules import Rules
+
+if TYPE_CHECKING:
+    from interp.models.model import Model, Tokens
+    from interp.patching.tasks import PatchingTask
+
+# Kinds that add to the residual stream: (layer offset of the first attention that reads them).
+_READER_OFFSET = {"resid_pre": 0, "resid_mid": 1, "attn_out": 1, "mlp_out": 1, "resid_post": 1}
+
+
+def atp_star(
+    model: Model,
+    task: PatchingTask,
+    kinds: Sequence[str] = DEFAULT_KINDS,
+    *,
+    direction: str = "denoising",
+    per_position: bool = True,
+    heads: bool = False,
+    cells: Sequence[Cell] | None = None,
+    grad_drop: bool = False,
+    rules: Rules | None = None,
+) -> PatchingResult:
+    """AtP* estimates for every cell: attribution patching with the QK fix (and GradDrop if asked).
+
+    ``rules``: take the gradients through RelP's rules (RelP with the QK fix).
+    """
+    start = time.perf_counter()
+    if model.cfg.backend == "transformer_lens" or not model.arch.pattern:
+        raise InputError(f"AtP* recomputes attention patterns from queries and keys, which interp reaches only for HF "
+                         f"models whose attention runs through transformers' attention interface; not {model.cfg.name}")
+    base, source, cells = plan(model, task, direction, kinds, cells, per_position=per_position, heads=heads)
+    sites = list(dict.fromkeys(c.site for c in cells))
+    readers = _readers(model, sites)
+    reading_layers = sorted(set(readers.values()))
+    resid_sites = [model.site("resid_pre", r) for r in reading_layers]
+    pattern_sites = [model.site("pattern", r) for r in reading_layers]
+    with torch.no_grad():
+        src = model.run_with_cache(source, sites)
+    drops = [None] + (list(range(model.cfg.n_layers)) if grad_drop else [])
+    runs = []
+    for dropped in drops:
+        qk: dict[int, dict[str, Any]] = {}
+        with _capture_qk(model, reading_layers, qk), _drop_gradient(model, dropped):
+            acts, grads = gradients_at(model, task, base, list(dict.fromkeys(sites + resid_sites + pattern_sites)), rules,
+                                           allow_cut=dropped is not None or model.active_interventions > 0)
+        runs.append((acts, grads, qk))
+    acts, _, qk = runs[0]
+    patched = _patched_qk(model, base, readers, acts, src, qk)
+
+    estimates = torch.zeros(len(drops), len(cells), dtype=torch.float64)
+    for run, (acts_d, grads, qk_d) in enumerate(runs):
+        fixes = {site: _qk_fix(qk_d[layer], patched[site], grads[model.site("pattern", layer)])
+                 for site, layer in readers.items()}
+        for i, cell in enumerate(cells):
+            region = cell_region(cell, model.site_table.info(cell.site))
+            value = float(((src[cell.site] - acts_d[cell.site]) * grads[cell.site])[region].sum())
+            if cell.site in fixes and cell.head is None:
+                fix = fixes[cell.site]
+                if cell.position is None:
+                    value += float(fix["all"] - fix["linear all"])
+                else:
+                    value += float(fix["each"][cell.position] - fix["linear each"][cell.position])
+            estimates[run, i] = value
+    final = estimates[0] if not grad_drop else estimates[1:].abs().mean(0)
+    base_value = task.corrupt_value if direction == "denoising" else task.clean_value
+    table = cell_table(model, task, cells, [base_value + float(e) for e in final])
+    method = ("atp*" if rules is None else "relp+qk") + ("+graddrop" if grad_drop else "")
+    return PatchingResult(method, direction, task.name, table,
+                          task.position_labels(model), task.clean_value, task.corrupt_value, time.perf_counter() - start)
+
+
+def _readers(model: Model, sites: list[str]) -> dict[str, int]:
+    """site -> the first attention layer reading its change, for sites that write the residual stream."""
+    out = {}
+    for site in sites:
+        info = model.site_table.info(site)
+        if info.kind in _READER_OFFSET and info.layer is not None and info.layer + _READER_OFFSET[info.kind] < model.cfg.n_layers:
+            out[site] = info.layer + _READER_OFFSET[info.kind]
+    return out
+
+
+@contextlib.contextmanager
+def _capture_qk(model: Model, layers: list[int], into: dict[int, dict[str, Any]]):
+    """Keep queries, keys (with their gradients), scores and the score transform of ``layers``' attention."""
+
+    def tap(layer: int):
+        def fn(query: torch.Tensor, keys: torch.Tensor, scores: torch.Tensor, transform) -> None:
+            for t in (query, keys):
+                if t.requires_grad:
+                    t.retain_grad()
+            into[layer] = {"q": query, "k": keys, "scores": scores.detach(), "transform": transform}
+
+        return fn
+
+    handles = [tap_scores(_attention(model, layer), model.module.config, tap(layer)) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _attention(model: Model, layer: int) -> torch.nn.Module:
+    return model.module.get_submodule(model.arch.layers)[layer].get_submodule(model.arch.attn)
+
+
+@contextlib.contextmanager
+def _drop_gradient(model: Model, layer: int | None):
+    """GradDrop: no gradient through the attention and MLP outputs of ``layer`` (values unchanged)."""
+    if layer is None:
+        yield
+        return
+    cut = [interp.Apply(model.site(kind, layer), lambda a: a.detach()) for kind in ("attn_out", "mlp_out")]
+    with model.intervene(*cut):
+        yield
+
+
+def _patched_qk(model: Model, base: Tokens, readers: dict[str, int], acts, src, qk) -> dict[str, dict[str, torch.Tensor]]:
+    """site -> queries and keys of its reading layer when the residual there carries the site's change.
+
+    Queries and keys are position-local functions of the residual stream, so one partial forward
+    over the residual with every position changed gives the changed query and key at each position.
+    """
+    by_layer: dict[int, list[str]] = defaultdict(list)
+    for site, layer in readers.items():
+        by_layer[layer].append(site)
+    out = {}
+    n = base.ids.shape[0]
+    with torch.no_grad():
+        for layer, sites in by_layer.items():
+            resid = acts[model.site("resid_pre", layer)]
+            stacked = torch.cat([resid + (src[s] - acts[s]).to(resid.dtype) for s in sites])
+            seen: dict[str, torch.Tensor] = {}
+
+            def stop(query, keys, _scores, _transform, seen=seen):
+                seen["q"], seen["k"] = query, keys
+                raise StopForward
+
+            handle = tap_scores(_attention(model, layer), model.module.config, stop)
+            try:
+                model.forward_from(layer, stacked, base.take(torch.arange(n).repeat(len(sites))))
+            except StopForward:
+                pass
+            finally:
+                handle.remove()
+            if "q" not in seen:
+                raise InputError(f"AtP*: the attention of layer {layer} was not reached from its residual stream")
+            for i, site in enumerate(sites):
+                out[site] = {"q": seen["q"][i * n:(i + 1) * n], "k": seen["k"][i * n:(i + 1) * n]}
+    return out
+
+
+def _qk_fix(base: dict[str, Any], new: dict[str, torch.Tensor], grad_pattern: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Effect of the change of queries and keys on the metric, summed over prompts and heads: through the
+    exact change of the pattern ("each": [positions], for a change at one position; "all": for a change
+    at every position), and as attribution patching estimates it ("linear each", "linear all")."""
+    q, k = base["q"].detach().double(), base["k"].detach().double()
+    dq = base["q"].grad.double() if base["q"].grad is not None else torch.zeros_like(q)
+    dk = base["k"].grad.double() if base["k"].grad is not None else torch.zeros_like(k)
+    q2, k2 = new["q"].double(), new["k"].double()
+    transform = base["transform"]
+    scores = base["scores"].double()
+    blocked = base["scores"] <= torch.finfo(base["scores"].dtype).min / 2
+    pattern = torch.softmax(scores, dim=-1)
+    g = grad_pattern.double()
+
+    def rescored(dots_new: torch.Tensor, dots_old: torch.Tensor) -> torch.Tensor:
+        return torch.where(blocked, scores, scores + transform(dots_new) - transform(dots_old))
+
+    dots = q @ k.transpose(-1, -2)
+    linear_each = ((q2 - q) * dq).sum(-1) + ((k2 - k) * dk).sum(-1)  # [n, h, positions]
+
+    # The query at p changes row p (with the key at p changed too, on the diagonal).
+    row_dots = q2 @ k.transpose(-1, -2)
+    diagonal = (q2 * k2).sum(-1)
+    row_dots = row_dots - torch.diag_embed(row_dots.diagonal(dim1=-2, dim2=-1)) + torch.diag_embed(diagonal)
+    row = (g * (torch.softmax(rescored(row_dots, dots), dim=-1) - pattern)).sum(-1)  # [n, h, p]
+
+    # The key at p changes column p of every other row t: closed form from row t's log-partition.
+    new_column = rescored(q @ k2.transpose(-1, -2), dots)  # [n, h, t, p]: row t's score for key p when k_p changes
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    top = scores.argmax(-1, keepdim=True)
+    without_top = torch.logsumexp(scores.scatter(-1, top, float("-inf")), dim=-1, keepdim=True)
+    lse_without = lse + torch.log1p(-pattern.clamp(max=0.5))  # log sum_{j != p} exp(s_tj); exact where p is not the top key
+    lse_without = lse_without.scatter(-1, top, without_top)
+    lse_new = torch.logaddexp(lse_without, new_column)
+    shrink = torch.expm1(lse - lse_new)  # factor by which every other entry of row t changes, minus one
+    weighted = (g * pattern).sum(-1, keepdim=True)
+    column = shrink * (weighted - g * pattern) + g * (torch.exp(new_column - lse_new) - pattern)
+    column = column - torch.diag_embed(column.diagonal(dim1=-2, dim2=-1))  # row p is counted in ``row``
+    everything = (g * (torch.softmax(rescored(q2 @ k2.transpose(-1, -2), dots), dim=-1) - pattern)).sum()
+    return {"each": (row + column.sum(-2)).sum((0, 1)), "all": everything,
+            "linear each": linear_each.sum((0, 1)), "linear all": linear_each.sum()}

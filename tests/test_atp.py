@@ -1,0 +1,90 @@
+"""AtP*: the QK fix against real patched attention patterns, on a tiny model whose softmax saturates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import interp
+import interp.patching.atp as atp
+from interp.errors import InputError
+from interp.models import tiny_model
+from interp.patching import Cell, activation_patching, atp_star, attribution_patching, pairs_task
+from interp.patching.attribution import gradients_at
+
+
+@pytest.fixture(scope="module")
+def saturated():
+    """Two tiny Llama layers; layer 1's queries and keys scaled up so its softmax saturates."""
+    model = tiny_model("llama", n_layers=2)
+    attn = model.module.model.layers[1].self_attn
+    with torch.no_grad():
+        attn.q_proj.weight.mul_(12.0)
+        attn.k_proj.weight.mul_(12.0)
+    task = pairs_task(model, ["The cat sat on the mat", "The dog ran to the bar"],
+                      ["The cat sat in the hat", "The dog ran by the sea"], ["x", "y"], ["q", "z"])
+    return model, task
+
+
+def test_qk_fix_equals_patching_the_attention_pattern(saturated):
+    """The QK fix's pattern term is sum(dM/dA * (A_patched - A)), with A_patched the pattern of a real
+    forward whose residual is patched: one position at a time, and every position at once."""
+    model, task = saturated
+    resid, pattern = model.site("resid_pre", 1), model.site("pattern", 1)
+    with torch.no_grad():
+        base = model.run_with_cache(task.corrupt, [pattern])
+        source = model.run_with_cache(task.clean, [resid])
+    assert float(base[pattern].max(-1).values.mean()) > 0.7  # saturated on average
+    qk: dict = {}
+    with atp._capture_qk(model, [1], qk):
+        acts, grads = gradients_at(model, task, task.corrupt, [resid, pattern], None)
+    fix = atp._qk_fix(qk[1], atp._patched_qk(model, task.corrupt, {resid: 1}, acts, source, qk)[resid], grads[pattern])
+
+    def through_pattern(positions):
+        with torch.no_grad(), model.intervene(interp.Replace(resid, source[resid], positions=positions)):
+            patched = model.run_with_cache(task.corrupt, [pattern])[pattern]
+        return float((grads[pattern] * (patched - base[pattern])).sum())
+
+    expected = torch.tensor([through_pattern([p]) for p in range(task.clean.ids.shape[1])], dtype=torch.float64)
+    torch.testing.assert_close(fix["each"], expected, rtol=1e-4, atol=1e-6)
+    assert float(fix["all"]) == pytest.approx(through_pattern(None), rel=1e-4, abs=1e-6)
+    # Saturation makes the linear estimate through queries and keys wrong by a lot somewhere.
+    assert float((fix["linear each"] - expected).abs().max()) > 0.5 * float(expected.abs().max())
+
+
+def test_atp_star_is_closer_to_activation_patching_where_softmax_saturates(saturated):
+    model, task = saturated
+    cells = [Cell(model.site("resid_pre", 1), p) for p in range(task.clean.ids.shape[1])]
+    truth = activation_patching(model, task, cells=cells, progress=False).table.metric.to_numpy()
+    plain = attribution_patching(model, task, cells=cells).table.metric.to_numpy()
+    star = atp_star(model, task, cells=cells).table.metric.to_numpy()
+    assert ((star - truth) ** 2).sum() < 0.2 * ((plain - truth) ** 2).sum()
+
+
+def test_cells_without_a_query_key_path_keep_the_attribution_estimate(saturated):
+    model, task = saturated
+    cells = [Cell(model.site("z", 0), 5, 1), Cell(model.site("mlp_post", 1), 7), Cell(model.site("mlp_out", 1), 9)]
+    star = atp_star(model, task, cells=cells).table.metric.to_numpy()
+    plain = attribution_patching(model, task, cells=cells).table.metric.to_numpy()
+    assert star == pytest.approx(plain, rel=1e-6, abs=1e-9)
+
+
+def test_grad_drop_averages_the_estimates_with_each_layer_gradient_cut(saturated):
+    model, task = saturated
+    cells = [Cell(model.site("resid_pre", 0), p) for p in (12, 21)] + [Cell(model.site("attn_out", 0), 21)]
+    dropped = atp_star(model, task, cells=cells, grad_drop=True).table.metric.to_numpy() - task.corrupt_value
+    per_layer = []
+    for layer in range(model.cfg.n_layers):
+        cut = [interp.Apply(model.site(kind, layer), lambda a: a.detach()) for kind in ("attn_out", "mlp_out")]
+        with model.intervene(*cut):
+            per_layer.append(atp_star(model, task, cells=cells).table.metric.to_numpy() - task.corrupt_value)
+    expected = sum(abs(e) for e in per_layer) / len(per_layer)
+    assert dropped == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    assert not (per_layer[0] == pytest.approx(per_layer[1], rel=1e-3))  # cutting a layer changes the estimate
+
+
+def test_atp_star_refuses_transformer_lens_models():
+    model = tiny_model("transformer_lens", n_layers=1)
+    task = pairs_task(model, ["ab"], ["ac"], ["x"], ["y"])
+    with pytest.raises(InputError, match="attention interface"):
+        atp_star(model, task)
