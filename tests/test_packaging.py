@@ -36,7 +36,8 @@ def test_task_data_works_from_an_installed_wheel(embedded, tmp_path):
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp_path / "wheels"), str(source)],
                    check=True, capture_output=True)
     wheel = next((tmp_path / "wheels").glob("*.whl"))
-    assert {"interp/resources/ioi.json", "interp/resources/facts.json", "interp/resources/prompts.json"} <= set(zipfile.ZipFile(wheel).namelist())
+    shipped = {"ioi.json", "facts.json", "prompts.json", "concepts/sentiment.jsonl", "concepts/space.words.txt", "prompts/neutral_test.txt"}
+    assert {f"interp/resources/{name}" for name in shipped} <= set(zipfile.ZipFile(wheel).namelist())
     target = tmp_path / "installed"
     subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)], check=True, capture_output=True)
     script = (
@@ -44,9 +45,10 @@ def test_task_data_works_from_an_installed_wheel(embedded, tmp_path):
         f"assert pathlib.Path(interp.__file__).is_relative_to({str(target)!r}), interp.__file__\n"
         "from interp.patching import factual_task, ioi_task\n"
         "model = interp.load_model('smollm2-135m')\n"
-        "print(len(ioi_task(model, 2)), len(factual_task(model, 2)))\n"
+        "from interp.data.concepts import load_concept, load_prompts\n"
+        "print(len(ioi_task(model, 2)), len(factual_task(model, 2)), len(load_concept('sentiment').texts), len(load_prompts('neutral_test')))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert [int(n) >= 1 for n in done.stdout.split()] == [True, True]  # both tasks built from the installed data
+    assert [int(n) >= 1 for n in done.stdout.split()] == [True] * 4  # tasks, concept and prompts from the installed data
