@@ -159,7 +159,7 @@ def test_probe_command_writes_table_and_plot(embedded, tmp_path):
     assert (tmp_path / "accuracy.html").exists() and (tmp_path / "probes.safetensors").exists()
     assert "logistic held-out accuracy" in result.output
     bad = runner.invoke(app, ["probe", "--layers", "3,31", "--out", str(tmp_path / "bad")])
-    assert bad.exit_code == 2 and "out of range; the model has layers 0-29" in bad.output and "Traceback" not in bad.output
+    assert bad.exit_code == 2 and "layer 31 is out of range 0..29" in bad.output and "Traceback" not in bad.output
 
 
 def test_builtin_concept_files_ship_as_package_data():
