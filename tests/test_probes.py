@@ -159,7 +159,7 @@ def test_probe_command_writes_table_and_plot(embedded, tmp_path):
     assert (tmp_path / "accuracy.html").exists() and (tmp_path / "probes.safetensors").exists()
     assert "logistic held-out accuracy" in result.output
     bad = runner.invoke(app, ["probe", "--layers", "3,31", "--out", str(tmp_path / "bad")])
-    assert bad.exit_code == 2 and "out of range; the model has layers 0-29" in bad.output and "Traceback" not in bad.output
+    assert bad.exit_code == 2 and "layer 31 is out of range 0..29" in bad.output and "Traceback" not in bad.output
 
 
 def test_builtin_concept_files_ship_as_package_data():
@@ -170,7 +170,7 @@ def test_builtin_concept_files_ship_as_package_data():
     import interp.data.concepts as concepts
 
     root = Path(__file__).resolve().parents[1]
-    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["interp.data"]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["interp.resources"]
     files = [p.relative_to(concepts.BUILTIN).as_posix() for kind in ("concepts", "prompts") for p in (concepts.BUILTIN / kind).iterdir()]
     assert len(files) >= 8
     assert all(any(fnmatch.fnmatch(f, pattern) for pattern in patterns) for f in files), files

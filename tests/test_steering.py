@@ -155,7 +155,7 @@ def test_latent_and_probe_vectors(model):
         latent_vector(dictionary, 32)
     concept = Concept("c", ["abc de", "fgh", "ijkl mn", "opq", "rs tu", "vwx", "yz ab", "cd"], [1, 0, 1, 0, 1, 0, 1, 0])
     ranking = concept_latents(model, dictionary, concept, reduce="last", by="difference", top=3)
-    by_effect = concept_latents(model, dictionary, concept, reduce="last", top=3)
+    by_effect = concept_latents(model, dictionary, concept, reduce="last", top=32)
     # Independent: encode each text's last-token activation from a plain hook, average per class.
     captured = []
     handle = model.module.model.layers[L].register_forward_hook(lambda _m, _i, out: captured.append((out[0] if isinstance(out, tuple) else out).detach()))
@@ -171,7 +171,11 @@ def test_latent_and_probe_vectors(model):
     np.testing.assert_allclose(ranking["difference"], diff.sort(descending=True).values[:3].numpy(), rtol=1e-4, atol=1e-6)
     pos, neg = codes[labels == 1], codes[labels == 0]
     effect = diff / ((pos.var(0) + neg.var(0)) / 2).sqrt().clamp_min(1e-6)
-    assert by_effect["latent"].tolist() == effect.argsort(descending=True)[:3].tolist()
+    # A latent firing on one text of one class has effect size 1/sqrt(2) whatever its value, so ties
+    # are common: check each latent's reported effect size, and that the whole order follows it.
+    ordered = effect[by_effect["latent"].tolist()]
+    np.testing.assert_allclose(by_effect["effect_size"], ordered.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ordered.numpy(), effect.sort(descending=True).values.numpy(), rtol=1e-4, atol=1e-6)
     from interp.probes import fit_probe
 
     probe = fit_probe(torch.randn(40, d), [0, 1] * 20, "diff-means", site=SITE)
