@@ -18,7 +18,8 @@ matmuls in bfloat16; the script prints the largest difference to float32 on 8 te
 
 Writes kl.csv, choices.json, kl.html (the plot) and the lenses (tuned/, linear/) into --out.
 Rerunning with the same --out resumes: a saved linear lens (with its dev table), dev score and
-tuned-lens checkpoint are reused, so only the unfinished stages run.
+tuned-lens checkpoint and test table (kl.csv, same number of test tokens) are reused, so only the
+unfinished stages run.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import os
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from interp.lens import AffineLens, LensTrainConfig, NormalEquations, evaluate_lenses, train_tuned_lens
@@ -66,6 +68,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=52, help="tuned lens: steps of --contexts-per-step contexts (52 x 8 = one epoch)")
     parser.add_argument("--contexts-per-step", type=int, default=8)
     parser.add_argument("--dev-steps", type=int, default=16)
+    parser.add_argument("--test-contexts", type=int, default=TEST, help=f"evaluate on the first N of the {TEST} test contexts")
     parser.add_argument("--check-contexts", type=int, default=2,
                         help="test contexts also evaluated in float32 to bound the bfloat16 error (float32 costs 10x)")
     args = parser.parse_args()
@@ -73,6 +76,7 @@ def main() -> None:
     model = load_model("smollm2-135m")
     store = lens_store(args.store or interp_home() / "stores" / "lens-resid", model)
     rows = splits(store)
+    rows["test"] = (rows["test"][0], min(rows["test"][1], rows["test"][0] + args.test_contexts * int(store.manifest["rows_per_context"])))
     holdout = store.n_rows - rows["train"][1]  # dev + test: never trained on
     sites = lens_store_sites(model, store, "resid_pre")
     batch = args.contexts_per_step * int(store.manifest["rows_per_context"])
@@ -126,10 +130,16 @@ def main() -> None:
     # Test tokens. The unembedding matmuls run in bfloat16 (float32 costs 10x on this CPU); the same
     # evaluation in float32 on the first --check-contexts test contexts bounds the difference.
     lenses = {"logit": None, "tuned": tuned, "linear": linear}
-    started = time.perf_counter()
-    table = evaluate_lenses(model, store, lenses, sites, rows["test"], compute_dtype=torch.bfloat16)
-    timings["test_evaluation_s"] = time.perf_counter() - started
-    table.to_csv(args.out / "kl.csv", index=False)
+    test_tokens = rows["test"][1] - rows["test"][0]
+    saved = pd.read_csv(args.out / "kl.csv") if (args.out / "kl.csv").exists() else None
+    if saved is not None and int(saved.tokens.iloc[0]) == test_tokens and set(saved.lens) == set(lenses):
+        table = saved  # this evaluation was finished by an earlier run
+        print(f"reusing {args.out / 'kl.csv'} ({test_tokens:,} test tokens)")
+    else:
+        started = time.perf_counter()
+        table = evaluate_lenses(model, store, lenses, sites, rows["test"], compute_dtype=torch.bfloat16)
+        timings["test_evaluation_s"] = time.perf_counter() - started
+        table.to_csv(args.out / "kl.csv", index=False)
     check_rows = (rows["test"][0], rows["test"][0] + args.check_contexts * int(store.manifest["rows_per_context"]))
     low = evaluate_lenses(model, store, lenses, sites, check_rows, compute_dtype=torch.bfloat16).set_index(["lens", "site"])
     exact = evaluate_lenses(model, store, lenses, sites, check_rows).set_index(["lens", "site"])
@@ -137,7 +147,7 @@ def main() -> None:
     timings["bf16_vs_fp32_max_abs_kl_diff"] = float((low.kl - exact.kl).abs().max())
     print(f"bfloat16 against float32 evaluation on {args.check_contexts} test contexts: largest KL difference "
           f"{timings['bf16_vs_fp32_max_abs_kl_diff']:.2e} nats ({timings['bf16_vs_fp32_max_rel_kl_diff']:.2e} relative)")
-    choices = {"ridges": ridges, "dev_linear": dev_linear.to_dict("records"), "tuned_dev_mean_kl": dev_scores,
+    choices = {"ridges": ridges, "dev_linear": dev_linear, "tuned_dev_mean_kl": dev_scores,
                "tuned": {"optimizer": optimizer, "lr": lr, "steps": args.steps, "batch_size": batch},
                "splits": rows, "timings": timings, "cpu_threads": torch.get_num_threads(), "load_average": os.getloadavg()}
     write_json(args.out / "choices.json", choices)
