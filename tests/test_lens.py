@@ -105,6 +105,31 @@ def test_identity_tuned_lens_equals_the_logit_lens(model, store):
     np.testing.assert_allclose(wide["logit"], wide["tuned"], rtol=1e-6)
 
 
+def test_a_trained_lens_is_applied_before_the_readout(model):
+    """A non-identity translator: the lens table is h + hA^T + b read through the HF final norm and lm_head."""
+    torch.manual_seed(0)
+    sites = [f"blocks.{i}.hook_resid_pre" for i in range(3)]
+    lens = AffineLens.identity(model, sites)
+    d = model.cfg.d_model
+    A, b = torch.randn(d, d) / d**0.5, torch.randn(d) * 2
+    with torch.no_grad():
+        lens.weight[1].copy_(A)
+        lens.bias[1].copy_(b)
+    result = logit_lens(model, PROMPTS[0], lens=lens, top_k=3, positions=[-1]).table.set_index("layer")
+    captured = {}
+    layer = model.module.model.layers[1]
+    handle = layer.register_forward_pre_hook(lambda _m, args, kwargs: captured.__setitem__("h", (args or (kwargs["hidden_states"],))[0].detach()),
+                                             with_kwargs=True)
+    with torch.no_grad():
+        final = model(PROMPTS[0])[0, -1].log_softmax(-1)
+        handle.remove()
+        h = captured["h"][0, -1]
+        logq = model.module.lm_head(model.final_norm(h + h @ A.T + b)).log_softmax(-1)
+    assert result.loc[1, "top_tokens"] == [model.to_string([i]) for i in logq.topk(3).indices]
+    assert result.loc[1, "kl"] == pytest.approx(float((final.exp() * (final - logq)).sum()), rel=1e-4)
+    assert result.loc[1, "kl"] != pytest.approx(result.loc[0, "kl"])
+
+
 def test_evaluation_matches_a_direct_computation(model, store):
     sites = ["blocks.1.hook_resid_pre"]
     table = evaluate_lenses(model, store, {"logit": None}, sites, (10, 70), progress=False)

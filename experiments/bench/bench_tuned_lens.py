@@ -45,7 +45,7 @@ from interp.lens import AffineLens, LensTrainConfig, evaluate_lenses, train_tune
 from interp.lens.train import lens_store_sites  # noqa: E402
 from interp.models import load_model  # noqa: E402
 from interp.models.embedded import embedded_model_folder  # noqa: E402
-from interp.paths import interp_home  # noqa: E402
+from interp.paths import interp_home, write_json  # noqa: E402
 
 DRIVER = Path(__file__).with_name("tuned_lens_package_run.py")
 
@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument("--contexts-per-step", type=int, default=8)
     parser.add_argument("--choices", type=Path, default=Path("runs/lens_kl/choices.json"),
                         help="interp's optimizer and lr as chosen on dev by lens_kl.py (else adam 1e-3)")
+    parser.add_argument("--optimizer", default=None, help="interp's optimizer (overrides --choices)")
+    parser.add_argument("--lr", type=float, default=None, help="interp's learning rate (overrides --choices)")
+    parser.add_argument("--test-contexts", type=int, default=None, help="evaluate on the first N test contexts (default: all 64)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/tuned_lens.json"))
     args = parser.parse_args()
     python = args.package_python or interp_home() / "venv-tuned-lens" / "bin" / "python"
@@ -93,10 +96,13 @@ def main() -> None:
     rows = splits(store)
     sites = lens_store_sites(model, store, "resid_pre")
     per = int(store.manifest["rows_per_context"])
+    if args.test_contexts is not None:
+        rows["test"] = (rows["test"][0], min(rows["test"][1], rows["test"][0] + args.test_contexts * per))
     optimizer, lr = "adam", 1e-3
     if args.choices.exists():
         chosen = json.loads(args.choices.read_text())["tuned"]
         optimizer, lr = chosen["optimizer"], chosen["lr"]
+    optimizer, lr = args.optimizer or optimizer, args.lr or lr
     work = Path(tempfile.mkdtemp(prefix="bench-tuned-lens-", dir=interp_home()))
     result = {"steps": args.steps, "contexts_per_step": args.contexts_per_step, "interp_optimizer": optimizer, "interp_lr": lr,
               "train_rows": rows["train"], "test_rows": rows["test"], "load_average_start": os.getloadavg()}
@@ -160,7 +166,7 @@ def main() -> None:
     result["speedup_train"] = result["package"]["train_seconds"] / result["interp"]["train_seconds"]
     result["speedup_train_cpu"] = result["package"]["train_cpu_seconds"] / result["interp"]["train_cpu_seconds"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, default=str))
+    write_json(args.out, result)
     print(f"test tokens {int(table.tokens.iloc[0]):,}; {args.steps} steps x {args.contexts_per_step} contexts, the same training contexts")
     print(wide.round(4).to_string())
     print("mean KL over layers: " + ", ".join(f"{k} {v:.4f}" for k, v in result["mean_kl"].items()))
