@@ -4,9 +4,8 @@
 their contexts and the feature's coefficient on every token of each context; the tokens its output
 direction W_down·z promotes and suppresses once passed through the final norm and the
 unembedding; and the neurons it combines. ``feature_table`` lays them out as one row per feature,
-``write_feature_page`` renders them with the SAE feature viewer (``interp.viz``): the examples
-carry the same columns as ``interp.dictionary.features.latent_examples``, so only
-``_feature_section`` knows about the viewer.
+``write_feature_page`` renders them as one static HTML page (each context a line of tokens shaded
+by the feature's coefficient, the top token outlined).
 """
 
 from __future__ import annotations
@@ -130,10 +129,29 @@ def feature_table(reports: list[FeatureReport], *, contexts: int = 3, tokens: in
     return pd.DataFrame(rows)
 
 
-def _feature_section(report: FeatureReport, label: str) -> str:
-    """One feature in the SAE viewer's markup (its example lines, shaded by coefficient)."""
-    from interp.viz import example_html
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
+.meta { color: #555; font-size: 0.9em; }
+.example { font-family: ui-monospace, monospace; white-space: pre-wrap; margin: 0.3em 0; line-height: 1.6; }
+.peak { outline: 2px solid #c00; }
+.act { color: #888; display: inline-block; width: 5em; }
+"""
 
+
+def _example_html(example: pd.Series) -> str:
+    """One context, every token shaded by the feature's coefficient relative to the context's largest."""
+    peak = max(example["activations"], default=0.0)
+    spans = []
+    for i, (token, value) in enumerate(zip(example["tokens"], example["activations"], strict=True)):
+        alpha = max(0.0, min(1.0, value / peak)) if peak > 0 else 0.0
+        outline = ' class="peak"' if i == example["index"] else ""
+        spans.append(f'<span{outline} style="background: rgba(255, 120, 0, {alpha:.2f})" title="{value:.3f}">{html.escape(token)}</span>')
+    return f'<div class="example"><span class="act">{example["activation"]:.3f}</span>{"".join(spans)}</div>'
+
+
+def _feature_section(report: FeatureReport, label: str) -> str:
+    """One feature: its norm, neurons, decoded tokens and example lines."""
     facts = [f"‖z‖ = {report.norm:.3g}; neurons " + ", ".join(f"{i} ({w:+.3g})" for i, w in report.neurons)]
     if report.promotes:
         facts.append("promotes " + " ".join(html.escape(repr(t)) for t in report.promotes))
@@ -141,15 +159,17 @@ def _feature_section(report: FeatureReport, label: str) -> str:
     lines = [f"<h2>{html.escape(label)} {report.feature}</h2>", f'<p class="meta">{"<br>".join(facts)}</p>']
     if report.examples.empty:
         lines.append("<p>No token with a positive coefficient.</p>")
-    lines += [example_html(row) for _, row in report.examples.iterrows()]
+    lines += [_example_html(row) for _, row in report.examples.iterrows()]
     return "\n".join(lines)
 
 
 def write_feature_page(reports: list[FeatureReport], path: str | Path, title: str, *, label: str = "Feature") -> Path:
-    """A static HTML page with every report (the same viewer as SAE features)."""
-    from interp.viz import write_dashboard
+    """A static HTML page with every report (no scripts, no network)."""
+    from interp.paths import write_text
 
-    return write_dashboard(path, [_feature_section(r, label) for r in reports], title)
+    body = "\n".join(_feature_section(r, label) for r in reports)
+    return write_text(path, f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
 
 
 def reports_json(reports: list[FeatureReport]) -> list[dict[str, Any]]:
