@@ -1,7 +1,7 @@
 """Steering with SNMF features against difference-in-means, SAE latents and random directions (SmolLM2).
 
     python experiments/snmf_steering.py --snmf runs/snmf-L12/level0-k100 [--sae SAE_FOLDER]
-        [--concepts sentiment,wedding,space,war] [--kl-targets 0.5,1.5] [--out runs/snmf-steering]
+        [--concepts sentiment,wedding,space,war] [--kl-targets 1] [--families snmf,diff-means,sae,random] [--out runs/snmf-steering]
 
 Every direction lives at the SNMF's site, ``blocks.L.mlp.hook_post`` (the MLP hidden activation):
 
@@ -22,8 +22,9 @@ continuations under the unsteered model. Selection (the SNMF feature, the SAE la
 method's KL target) uses the development prompts (``neutral_dev``) only: the candidate with the
 highest mean development score over the targets among runs whose perplexity stays within
 ``--max-ppl-ratio`` x the unsteered one; the report is on ``neutral_test``.
-Writes ``OUT/<concept>/{dev,test}/`` (sweep folders, resumable), ``OUT/results.json`` and prints
-markdown tables.
+Writes ``OUT/<concept>/{dev,test}/`` (sweep folders) and ``norms-<direction>.json``, all reused
+when run again (so ``--families`` may split the work over several processes sharing ``OUT``; a
+last run with every family assembles them), ``OUT/results.json``, and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -91,11 +92,14 @@ def main() -> None:
     parser.add_argument("--snmf", type=Path, required=True, help="a fitted SNMF level folder (interp snmf --out OUT -> OUT/level0-kK)")
     parser.add_argument("--sae", type=Path, default=None, help="an SAE trained on the same site (optional)")
     parser.add_argument("--concepts", default="sentiment,wedding,space,war")
-    parser.add_argument("--kl-targets", default="0.5,1.5", help="next-token KL (nats) that every direction is matched to")
+    parser.add_argument("--kl-targets", default="1", help="next-token KL (nats) that every direction is matched to")
     parser.add_argument("--candidates", type=int, default=2, help="SNMF features / SAE latents tried on the dev prompts")
     parser.add_argument("--max-ppl-ratio", type=float, default=2.0)
-    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--calibration-prompts", type=int, default=10, help="first N dev prompts the KL is measured on")
+    parser.add_argument("--families", default="snmf,diff-means,sae,random", help="directions to compare (sae needs --sae)")
+    parser.add_argument("--no-save-results", dest="save_results", action="store_false",
+                        help="leave OUT/results.json alone (for partial runs: several may share OUT)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=Path("runs/snmf-steering"))
     args = parser.parse_args()
@@ -116,6 +120,7 @@ def main() -> None:
     if sae is not None and sae.config.input_site != site:
         raise SystemExit(f"the SAE reads {sae.config.input_site}, the SNMF {site}: steer both at one site")
     targets = [float(t) for t in args.kl_targets.split(",")]
+    wanted = [f for f in args.families.split(",") if f != "sae" or sae is not None]
     dev, test = load_prompts("neutral_dev"), load_prompts("neutral_test")
     common = dict(units="absolute", max_new_tokens=args.new_tokens, progress=False)
     results: dict = {"site": site, "snmf": str(args.snmf), "sae": str(args.sae) if args.sae else None, "kl_targets": targets,
@@ -125,17 +130,21 @@ def main() -> None:
         concept = load_concept(name)
         scorer = make_scorer("auto", concept)
         folder = args.out / name
-        calibration_path = folder / "norms.json"
-        norms_cache = json.loads(calibration_path.read_text()) if calibration_path.exists() else {}
-        mean_norm = float(concept_activations(model, concept.texts, [site], reduce="mean")[site].norm(dim=1).mean())
+        scale: list[float] = []  # the concept texts' mean activation norm: where the norm search starts
 
         def norms_for(label: str, v: SteeringVector) -> dict[float, float]:
-            key = f"{label}:{float(v.vector.sum()):.6g}"
-            if key not in norms_cache:
-                norms_cache[key] = {str(t): n for t, n in matched_norms(model, dev[: args.calibration_prompts], site, v.direction, targets, 0.1 * mean_norm).items()}
+            """Matched norms per KL target, cached in ``norms-<label>.json`` (one file per direction: runs may overlap)."""
+            path = folder / f"norms-{label}.json"
+            cached = json.loads(path.read_text()) if path.exists() else {}
+            key = f"{float(v.vector.sum()):.6g}:{args.calibration_prompts}"
+            if key not in cached or set(cached[key]) != {str(t) for t in targets}:
+                if not scale:
+                    scale.append(float(concept_activations(model, concept.texts, [site], reduce="mean")[site].norm(dim=1).mean()))
+                found = matched_norms(model, dev[: args.calibration_prompts], site, v.direction, targets, 0.1 * scale[0])
+                cached[key] = {str(t): n for t, n in found.items()}
                 folder.mkdir(parents=True, exist_ok=True)
-                calibration_path.write_text(json.dumps(norms_cache, indent=1))
-            return {float(t): n for t, n in norms_cache[key].items()}
+                path.write_text(json.dumps(cached, indent=1))
+            return {float(t): n for t, n in cached[key].items()}
 
         def run(split: str, label: str, v: SteeringVector) -> pd.DataFrame:
             """Generations at every KL target; one row per target (score, perplexity, distinct2)."""
@@ -151,16 +160,16 @@ def main() -> None:
                              "unsteered_perplexity": float(base["perplexity"])})
             return pd.DataFrame(rows)
 
-        def pick(table: pd.DataFrame) -> pd.Series:
-            """The dev row with the highest score among those within the perplexity bound (any, if none is)."""
-            ok = table[table["perplexity"] <= args.max_ppl_ratio * table["unsteered_perplexity"]]
-            return (ok if len(ok) else table).sort_values("score").iloc[-1]
+        def within_bound(table: pd.DataFrame) -> pd.DataFrame:
+            return table[table["perplexity"] <= args.max_ppl_ratio * table["unsteered_perplexity"]]
 
         # candidates: SNMF features and SAE latents by effect size on the concept's texts, chosen on dev
-        coefficients = concept_activations(model, concept.texts, [site], reduce="mean", transform=snmf.coefficients)[site]
-        ranked = effect_sizes(coefficients, concept.labels).argsort(descending=True)[: args.candidates].tolist()
-        families = {"snmf": [(f"snmf-f{f}", SteeringVector(site, snmf.Z[:, f], "snmf", {"feature": f})) for f in ranked]}
-        if sae is not None:
+        families: dict[str, list[tuple[str, SteeringVector]]] = {}
+        if "snmf" in wanted:
+            coefficients = concept_activations(model, concept.texts, [site], reduce="mean", transform=snmf.coefficients)[site]
+            ranked = effect_sizes(coefficients, concept.labels).argsort(descending=True)[: args.candidates].tolist()
+            families["snmf"] = [(f"snmf-f{f}", SteeringVector(site, snmf.Z[:, f], "snmf", {"feature": f})) for f in ranked]
+        if "sae" in wanted:
             latents = concept_latents(model, sae, concept, top=args.candidates)["latent"].tolist()
             families["sae"] = [(f"sae-l{i}", latent_vector(sae, int(i))) for i in latents]
         chosen, dev_tables = {}, []
@@ -169,22 +178,28 @@ def main() -> None:
             for label, v in candidates:
                 table = run("dev", label, v)
                 dev_tables.append(table)
-                ok = table[table["perplexity"] <= args.max_ppl_ratio * table["unsteered_perplexity"]]
+                ok = within_bound(table)
                 scored.append((float(ok["score"].mean()) if len(ok) else -math.inf, label, v))
             best = max(scored, key=lambda s: s[0])
             chosen[family] = (best[1], best[2])
-        g = torch.Generator().manual_seed(1000 + c_index)
-        chosen["diff-means"] = ("diff-means", diff_in_means(model, concept, site))
-        chosen["random"] = ("random", SteeringVector(site, torch.randn(snmf.d, generator=g), "random"))
-        for family in ("diff-means", "random"):
-            dev_tables.append(run("dev", *chosen[family]))
-        dev_all = pd.concat(dev_tables)
+        if "diff-means" in wanted:
+            chosen["diff-means"] = ("diff-means", diff_in_means(model, concept, site))
+        if "random" in wanted:
+            g = torch.Generator().manual_seed(1000 + c_index)
+            chosen["random"] = ("random", SteeringVector(site, torch.randn(snmf.d, generator=g), "random"))
+        if len(targets) > 1:  # the strength (KL target) of these two is chosen on dev too
+            dev_tables += [run("dev", *chosen[f]) for f in ("diff-means", "random") if f in chosen]
+        dev_all = pd.concat(dev_tables) if dev_tables else pd.DataFrame(columns=["method"])
         test_tables = []
         for family, (label, v) in chosen.items():
             table = run("test", label, v)
             table.insert(0, "family", family)
-            dev_pick = pick(dev_all[dev_all["method"] == label])
-            table["dev_chosen"] = table["kl_target"] == dev_pick["kl_target"]
+            mine = dev_all[dev_all["method"] == label]
+            if len(targets) > 1:
+                best = (within_bound(mine) if len(within_bound(mine)) else mine).sort_values("score").iloc[-1]
+                table["dev_chosen"] = table["kl_target"] == best["kl_target"]
+            else:
+                table["dev_chosen"] = True
             test_tables.append(table)
         test_all = pd.concat(test_tables, ignore_index=True)
         cosines = {a: {b: round(float(va.direction @ vb.direction), 3) for b, (_, vb) in chosen.items()} for a, (_, va) in chosen.items()}
@@ -194,6 +209,8 @@ def main() -> None:
         print(f"\n## {name} ({scorer.description}); chosen on dev: {results['concepts'][name]['chosen']}")
         print(test_all.drop(columns=["score_sem"]).to_string(index=False, float_format=lambda x: f"{x:.3f}"), flush=True)
 
+    if not args.save_results:
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     print_summary(results)
