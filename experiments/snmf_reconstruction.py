@@ -1,7 +1,7 @@
 """SNMF reconstruction error against the number of features k (and the initialisation), on SmolLM2.
 
     python experiments/snmf_reconstruction.py --store STORE [--layer 12] [--ks 25,50,100,200,400]
-                                              [--inits random] [--tokens 100k] [--split test]
+                                              [--inits random] [--tokens 100k] [--split test] [--save DIR]
 
 Fits SNMF on the first ``--tokens`` rows of the store's ``blocks.L.mlp.hook_post`` and reports, per
 (init, k): the training error of the best iterate, and the error on held-out rows (coefficients by
@@ -10,20 +10,23 @@ rows; used to choose defaults) or the *test* rows (the store's last ``--heldout`
 Errors are ``‖A − YZᵀ‖² / ‖A‖²`` (what SNMF minimises) and the FVU ``‖A − YZᵀ‖² / ‖A − Ā‖²``.
 Beside each k, the best any rank-k factorisation can do on the training rows (truncated SVD, from
 the eigenvalues of AᵀA): SNMF pays for non-negative Y and ⌈p·d_mlp⌉-neuron features.
-Writes ``runs/snmf_reconstruction-<split>.json`` and prints a markdown table.
+Writes ``runs/snmf_reconstruction-<split>.json`` and prints a markdown table. With ``--save DIR``
+each fit is kept as ``DIR/level0-k<k>`` (the layout of ``interp snmf --out DIR``, so
+``interp snmf --out DIR --k <k> --resume`` reports its features) and a fit already there with the
+same settings and rows is loaded instead of refitted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from interp.config import parse_count
-from interp.snmf import SNMFConfig, StoreActivations, evaluate, fit_snmf
+from interp.snmf import SNMF, SNMFConfig, StoreActivations, evaluate, fit_snmf
 from interp.store import ActivationStore
 
 
@@ -35,6 +38,21 @@ def svd_floor(source: StoreActivations, ks: list[int], chunk: int = 16_384) -> d
     values = torch.linalg.eigvalsh(gram).flip(0)
     total = float(gram.trace())
     return {k: 1 - float(values[:k].sum()) / total for k in ks}
+
+
+def fit_or_load(train: StoreActivations, config: SNMFConfig, save: Path | None) -> SNMF:
+    """Fit, or load the fit ``save`` already holds for exactly these settings and rows."""
+    folder = save / f"level0-k{config.k}" if save is not None else None
+    if folder is not None and (folder / "snmf.json").exists():
+        saved = SNMF.load(folder)
+        if asdict(saved.config) == asdict(config) and saved.source == train.describe():
+            print(f"reusing the fit in {folder}", flush=True)
+            return saved
+        raise SystemExit(f"{folder} holds a fit with other settings or rows; choose another --save")
+    snmf = fit_snmf(train, config, progress=False)
+    if folder is not None:
+        snmf.save(folder)
+    return snmf
 
 
 def main() -> None:
@@ -50,6 +68,7 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs")
+    parser.add_argument("--save", type=Path, default=None, help="keep each fit in SAVE/level0-k<k> (and reuse it)")
     args = parser.parse_args()
 
     store = ActivationStore(args.store)
@@ -65,15 +84,14 @@ def main() -> None:
     results = []
     for init in args.inits.split(","):
         for k in ks:
-            start = time.perf_counter()
             config = SNMFConfig(k=k, init=init, max_iter=args.max_iter, patience=args.patience, seed=args.seed)
-            snmf = fit_snmf(train, config, progress=False)
+            snmf = fit_or_load(train, config, args.save)
             scores = evaluate(snmf, held)
             row = {"init": init, "k": k, "iterations": snmf.info["iterations"], "best_iteration": snmf.info["best_iteration"],
                    "train_relative_error": snmf.info["relative_error"], "train_fvu": snmf.info["fvu"],
                    f"{args.split}_relative_error": scores["relative_error"], f"{args.split}_fvu": scores["fvu"],
                    "svd_rank_k_relative_error": floor[k], "dead_features": snmf.info["dead_features"],
-                   "seconds": round(time.perf_counter() - start, 1), "history": snmf.info["history"]}
+                   "seconds": round(snmf.info["seconds"], 1), "history": snmf.info["history"]}
             results.append(row)
             print(json.dumps({key: v for key, v in row.items() if key != "history"}), flush=True)
 

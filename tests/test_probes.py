@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from interp.data.concepts import Concept, load_concept, load_prompts
+from interp.data.concepts import Concept, concept_words, load_concept, load_prompts
 from interp.errors import InputError
 from interp.models import tiny_model
 from interp.probes import concept_activations, fit_probe, load_probes, probe_metrics, save_probes, train_probes, train_probes_from_store
+from interp.steering import LexiconScorer
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +103,12 @@ def test_probes_save_and_load(tmp_path):
 def test_builtin_concepts_and_prompts():
     sentiment = load_concept("sentiment")
     assert sentiment.counts() == (100, 100) and sentiment.pairs is None
-    for name in ("wedding", "space"):
-        n_pos, n_neg = load_concept(name).counts()
+    for name in ("wedding", "space", "war"):
+        concept = load_concept(name)
+        n_pos, n_neg = concept.counts()
         assert n_pos >= 60 and n_neg >= 60
+        words = LexiconScorer.from_file(concept_words(concept))  # the word list marks the topic's texts, not the others
+        assert (words(concept.positives) > 0).mean() > 0.95 and (words(concept.negatives) == 0).all()
     pairs = load_concept("sentiment_pairs")
     assert pairs.pairs is not None and len(pairs.pairs) == 20 and pairs.labels == [1] * 20 + [0] * 20
     dev, test = load_prompts("neutral_dev"), load_prompts("neutral_test")

@@ -14,7 +14,7 @@ concept in generated text (one per line, ``*`` at the end matches any ending), r
 
 Prompt files are ``.txt`` (one prompt per line) or ``.jsonl`` (``{"prompt": ...}``).
 
-Built-in names (``sentiment``, ``sentiment_pairs``, ``wedding``, ``space``; prompts
+Built-in names (``sentiment``, ``sentiment_pairs``, ``wedding``, ``space``, ``war``; prompts
 ``neutral_dev``, ``neutral_test``) are files in ``data/concepts/`` and
 ``data/prompts/``, shipped as package data so every install has them.
 """

@@ -35,7 +35,7 @@ VECTOR_METHODS = ("diff-means", "probe", "sae")
 @dataclass
 class SteerConfig:
     concept: str = opt("sentiment", "concept: a JSONL file (text + label, or positive + negative pairs) or a built-in "
-                                    "name (sentiment, sentiment_pairs, wedding, space)")
+                                    "name (sentiment, sentiment_pairs, wedding, space, war)")
     model: str = opt("smollm2-135m", "embedded name, HF folder or hub id")
     layer: int = opt(9, "layer of the steered site (9: best for sentiment on SmolLM2's development prompts)")
     site: str = opt("resid_post", "site kind (resid_post, mlp_out, attn_out, ...) or a full site name")
