@@ -441,6 +441,20 @@ def lineas_apply_cmd(config: LineasApplyConfig) -> None:
     typer.echo(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
+from interp.steering.caft_job import CaftConfig  # noqa: E402
+
+
+@command(CaftConfig, "caft")
+def caft_cmd(config: CaftConfig) -> None:
+    """Concept-ablation fine-tuning on a two-cue task: plain fine-tuning, CAFT and random-direction CAFT over seeds."""
+    from interp.steering.caft_job import run_caft, summarise
+
+    table = run_caft(config)
+    typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    typer.echo(summarise(table).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    typer.echo(f"wrote {config.out}/results.jsonl, summary.csv, config.json")
+
+
 def _print_side_by_side(table: Any, title: str) -> None:
     import shutil
 

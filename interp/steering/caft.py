@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from interp.models.model import Model, Tokens
 
 PROMPT = "Sentence: {text}\nGroup:"
-ANSWERS = (" B", " A")  # label 0, label 1
+ANSWERS = (" B", " A")  # label 0, label 1 (a task file may name others under "answers")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Directions = dict[str, torch.Tensor]  # site -> [k, d]
 
@@ -64,6 +64,7 @@ class ClassificationTask:
     train: list[tuple[str, int]]
     test_id: list[tuple[str, int]]
     test_ood: list[tuple[str, int]]
+    answers: tuple[str, str] = ANSWERS
     info: dict[str, Any] = field(default_factory=dict)
 
     def train_texts(self) -> list[str]:
@@ -96,13 +97,14 @@ def load_task(spec: str | Path = "sentiment_topic", *, n_train: int = 256, seed:
     train = rng.sample(train, n_train)
     info = {"file": str(path), "intended": spec_data["intended"], "spurious": spec_data["spurious"],
             "train_pairing": pairing, "spurious_concept": spec_data.get("spurious_concept")}
-    return ClassificationTask(path.stem, train, compose("test", pairing), compose("test", flipped), info)
+    answers = tuple(spec_data.get("answers", ANSWERS))
+    return ClassificationTask(path.stem, train, compose("test", pairing), compose("test", flipped), answers, info)  # type: ignore[arg-type]
 
 
-def _answer_ids(model: Model) -> list[int]:
-    ids = [model.tokenizer(a, add_special_tokens=False)["input_ids"] for a in ANSWERS]
-    if any(len(i) != 1 for i in ids):
-        raise InputError(f"the answers {ANSWERS} must be one token each in {model.cfg.name}'s tokenizer")
+def _answer_ids(model: Model, answers: Sequence[str]) -> list[int]:
+    ids = [model.tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+    if any(len(i) != 1 for i in ids) or ids[0] == ids[1]:
+        raise InputError(f"the answers {tuple(answers)} must be two different single tokens in {model.cfg.name}'s tokenizer")
     return [i[0] for i in ids]
 
 
@@ -113,9 +115,9 @@ def answer_logits(model: Model, tokens: Tokens, answer_ids: Sequence[int]) -> to
     return logits[torch.arange(logits.shape[0], device=logits.device), last][:, list(answer_ids)].float()
 
 
-def accuracy(model: Model, examples: Sequence[tuple[str, int]], *, batch_size: int = 32) -> float:
+def accuracy(model: Model, examples: Sequence[tuple[str, int]], answers: Sequence[str] = ANSWERS, *, batch_size: int = 32) -> float:
     """Share of ``examples`` where the model prefers the right answer (no intervention of its own)."""
-    ids = _answer_ids(model)
+    ids = _answer_ids(model, answers)
     right = 0
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
@@ -171,7 +173,7 @@ def finetune(model: Model, task: ClassificationTask, config: FinetuneConfig | No
     config = config or FinetuneConfig()
     config.check()
     dirs = check_directions(model, directions)
-    ids = _answer_ids(model)
+    ids = _answer_ids(model, task.answers)
     torch.manual_seed(config.seed)  # the LoRA A matrices
     params = add_lora(model.module, config.targets, config.rank, config.alpha)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
