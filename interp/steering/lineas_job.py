@@ -115,9 +115,10 @@ class LineasApplyConfig:
         if self.sweep is None:
             return None
         try:
-            return [check_lambda(float(v)) for v in self.sweep.split(",")]
+            values = [float(v) for v in self.sweep.split(",")]
         except ValueError:
             raise InputError(f"--sweep {self.sweep!r}: give comma-separated numbers in [0, 1]") from None
+        return [check_lambda(v) for v in values]
 
     def check(self) -> None:
         check_lambda(self.strength)
