@@ -154,8 +154,11 @@ def test_pca_directions_and_their_reading(task):
     torch.testing.assert_close(comps[SITE] @ comps[SITE].T, torch.eye(3), atol=1e-5, rtol=0)
     table = interpret_components(base, comps, ["aaaa bbbb"] * 4, ["zzzz yyyy"] * 4)
     assert len(table) == 3 and set(table.columns) == {"site", "component", "effect_size"}
-    kept = select(comps, table.assign(effect_size=[2.0, 0.1, -1.5]), min_effect=1.0)
-    assert torch.equal(kept[SITE], comps[SITE][[0, 2]])
+    planted = table.assign(effect_size=[2.0, 0.1, -1.5])
+    assert torch.equal(select(comps, planted, min_effect=1.0)[SITE], comps[SITE][[0, 2]])
+    assert torch.equal(select(comps, planted, top=1)[SITE], comps[SITE][[0]])
+    assert select(comps, planted, min_effect=3.0) == {}
+    kept = select(comps, planted, top=2)
     rand = random_directions(kept, seed=0)
     assert rand[SITE].shape == kept[SITE].shape
 

@@ -227,11 +227,17 @@ def pca_directions(base: Model, tuned: Model, texts: Sequence[str], sites: Seque
 
 
 def interpret_components(model: Model, directions: Directions, texts_a: Sequence[str], texts_b: Sequence[str]) -> pd.DataFrame:
-    """How well each direction separates two sets of texts (the unintended concept's two sides):
-    the effect size (difference of mean projections over their pooled standard deviation) of the
-    projection of ``model``'s token activations. One row per (site, component)."""
-    acts_a = token_activations(model, texts_a, list(directions))
-    acts_b = token_activations(model, texts_b, list(directions))
+    """How well each direction separates two sets of texts (the unintended concept's two sides).
+
+    Each text's activation is its mean over tokens (first token left out, as in ``interp.probes``);
+    the score is the effect size of its projection on the direction: the difference of the two
+    sets' means over their pooled standard deviation. One row per (site, component).
+    """
+    from interp.probes import concept_activations
+
+    sites = list(directions)
+    acts_a = concept_activations(model, list(texts_a), sites, reduce="mean")
+    acts_b = concept_activations(model, list(texts_b), sites, reduce="mean")
     rows = []
     for site, dirs in directions.items():
         pa, pb = acts_a[site] @ dirs.T, acts_b[site] @ dirs.T
@@ -240,13 +246,17 @@ def interpret_components(model: Model, directions: Directions, texts_a: Sequence
     return pd.DataFrame(rows)
 
 
-def select(directions: Directions, table: pd.DataFrame, *, min_effect: float = 1.0) -> Directions:
-    """The components whose |effect size| in ``table`` (from ``interpret_components``) is at least ``min_effect``."""
+def select(directions: Directions, table: pd.DataFrame, *, top: int | None = None, min_effect: float = 0.0) -> Directions:
+    """The components of ``table`` (from ``interpret_components``) with |effect size| >= ``min_effect``,
+    the ``top`` largest of them over all sites (all when ``top`` is None)."""
+    rows = table[table["effect_size"].abs() >= min_effect]
+    rows = rows.reindex(rows["effect_size"].abs().sort_values(ascending=False).index)
+    rows = rows if top is None else rows.head(top)
     out: Directions = {}
     for site, dirs in directions.items():
-        rows = table[(table["site"] == site) & (table["effect_size"].abs() >= min_effect)]
-        if len(rows):
-            out[site] = dirs[torch.tensor(rows["component"].tolist())]
+        chosen = sorted(rows[rows["site"] == site]["component"].tolist())
+        if chosen:
+            out[site] = dirs[torch.tensor(chosen)]
     return out
 
 

@@ -41,7 +41,8 @@ class CaftConfig:
     directions: str = opt("pca", "pca (from the plain run of each seed), sae (--sae and --latents) or a .safetensors file (site -> [k, d])")
     layers: str = opt("4,8,12", "layers whose resid_post gets PCA directions")
     n_components: int = opt(8, "principal components computed per layer")
-    min_effect: float = opt(1.0, "keep components whose projection separates the spurious concept's texts by this effect size")
+    top: int = opt(4, "keep this many components: those whose projection best separates the spurious concept's two classes")
+    min_effect: float = opt(0.0, "and only components with at least this effect size (difference of class means / pooled sd)")
     interpret: str | None = opt(None, "labelled concept used to read the components (default: the task's spurious concept)")
     sae: Path | None = opt(None, "dictionary folder for --directions sae")
     latents: str | None = opt(None, "comma-separated SAE latents for --directions sae")
@@ -69,8 +70,8 @@ class CaftConfig:
             raise InputError(f"--directions {self.directions!r}: choose pca, sae, or an existing .safetensors file")
         if self.directions == "sae" and (self.sae is None or not self.latents):
             raise InputError("--directions sae needs --sae DICTIONARY_FOLDER and --latents 12,345")
-        if self.n_components < 1 or self.rank < 1:
-            raise InputError("--n-components and --rank must be >= 1")
+        if self.n_components < 1 or self.rank < 1 or self.top < 1:
+            raise InputError("--n-components, --top and --rank must be >= 1")
         FinetuneConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr).check()
 
 
@@ -160,7 +161,7 @@ def _pca(config: CaftConfig, base: Model, tuned: Model, task: Any, sites: list[s
     concept.check()
     table = interpret_components(base, comps, concept.positives[:48], concept.negatives[:48])
     table.to_csv(config.out / "components.csv", mode="a", header=not (config.out / "components.csv").is_file(), index=False)
-    kept = select(comps, table, min_effect=config.min_effect)
+    kept = select(comps, table, top=config.top, min_effect=config.min_effect)
     if not kept:
         best = table.loc[table["effect_size"].abs().idxmax()]
         raise InputError(f"no principal component separates {concept.name}'s texts by an effect size of {config.min_effect} "
