@@ -2,11 +2,11 @@
 stream during training only, to steer which features a fine-tuned model learns to use.
 
     task = load_task("sentiment_topic")
-    base = copy.deepcopy(model.module)
-    finetune(model, task, FinetuneConfig(seed=0))                      # plain fine-tuning (LoRA, merged after)
-    comps = pca_directions(load_model(base, tokenizer=...), model, task.train_texts(), sites)
-    keep = select(comps, interpret_components(base_model, comps, positive_texts, negative_texts))  # the spurious cue's
-    finetune(fresh_model, task, FinetuneConfig(seed=0), directions=keep)  # CAFT
+    tuned = load_model(copy.deepcopy(base.module), tokenizer=base.tokenizer)
+    finetune(tuned, task, FinetuneConfig(seed=0))                 # plain fine-tuning (LoRA, merged after)
+    comps = pca_directions(base, tuned, task.train_texts(), sites)
+    keep = select(comps, interpret_components(base, comps, positive_texts, negative_texts), top=4)
+    finetune(fresh, task, FinetuneConfig(seed=0), directions=keep)  # CAFT, on another copy of base
 
 Directions: principal components of the activation differences between a plainly fine-tuned and
 the base model (``pca_directions``; the paper's authors then read the components and keep those
