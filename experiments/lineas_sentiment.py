@@ -8,7 +8,7 @@
    steering issue). LinEAS uses the ``interp lineas fit`` defaults (steps, lr, group strength),
    chosen on development prompts (``neutral_dev``) by hand before this run.
 2. Held-out report on ``neutral_test`` (60 prompts), greedy, 40 new tokens: every method at
-   strengths 0.25, 0.5, 0.75, 1 (lambda for the maps; multiples of the layer's mean activation norm
+   strengths 0.5 and 1 (lambda for the maps; multiples of the layer's mean activation norm
    for difference-in-means), mean VADER compound and perplexity under the unsteered model.
    Table, plot (score vs perplexity) and generations in ``OUT/test``; units changed per method and
    the fit times in ``OUT/summary.json``. Every stage resumes from what ``OUT`` holds.
@@ -28,7 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("runs/lineas-sentiment"))
     parser.add_argument("--layers", default="2-9")
-    parser.add_argument("--strengths", default="0.25,0.5,0.75,1")
+    parser.add_argument("--strengths", default="0.5,1")
     parser.add_argument("--new-tokens", type=int, default=40)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
