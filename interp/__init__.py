@@ -6,10 +6,10 @@
 """
 
 from interp.cache import ActivationCache, run_with_cache
-from interp.intervene import Ablate, Add, Apply, Clamp, Intervention, ProjectOut, Replace
+from interp.intervene import Ablate, Add, Affine, Apply, Clamp, Intervention, ProjectOut, Replace
 from interp.models import Model, Tokens, load_model, tiny_model
 
 __all__ = [
-    "ActivationCache", "Ablate", "Add", "Apply", "Clamp", "Intervention", "Model", "ProjectOut",
+    "ActivationCache", "Ablate", "Add", "Affine", "Apply", "Clamp", "Intervention", "Model", "ProjectOut",
     "Replace", "Tokens", "load_model", "run_with_cache", "tiny_model",
 ]

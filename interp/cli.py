@@ -44,6 +44,8 @@ lens_app = typer.Typer(cls=DefaultCommandGroup, no_args_is_help=True,
 app.add_typer(lens_app, name="lens")
 neurons_app = typer.Typer(no_args_is_help=True, help="MLP neurons: decode through the unembedding, clamp during generation.")
 app.add_typer(neurons_app, name="neurons")
+lineas_app = typer.Typer(no_args_is_help=True, help="LinEAS / AcT steering maps: fit them on a few texts, apply them in generation.")
+app.add_typer(lineas_app, name="lineas")
 C = TypeVar("C")
 
 
@@ -670,6 +672,58 @@ def steer_cmd(config: SteerConfig) -> None:
     typer.echo(result.summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if config.out is not None:
         typer.echo(f"wrote {config.out}/generations.jsonl, summary.csv, vectors/, config.json")
+
+
+from interp.steering.lineas_job import LineasApplyConfig, LineasFitConfig  # noqa: E402
+
+
+@command(LineasFitConfig, "fit", lineas_app)
+def lineas_fit_cmd(config: LineasFitConfig) -> None:
+    """Fit LinEAS (or Mean-AcT / Linear-AcT) maps moving source texts' activations towards target texts'."""
+    from interp.steering.lineas_job import run_lineas_fit
+
+    maps = run_lineas_fit(config)
+    active = maps.active_units()
+    info = maps.info
+    loss = f"; loss {info['loss_first']:.1f} -> {info['loss_last']:.1f}" if "loss_first" in info else ""
+    typer.echo(f"{maps.method}: {len(maps.sites)} sites, {sum(active.values())} of "
+               f"{sum(w.numel() for w in maps.weight.values())} units changed{loss}; {info['seconds']:.1f} s")
+    typer.echo("units changed per site: " + ", ".join(f"{s} {n}" for s, n in active.items()))
+    typer.echo(f"wrote {config.out}/maps.safetensors, maps.json, config.json")
+
+
+@command(LineasApplyConfig, "apply", lineas_app)
+def lineas_apply_cmd(config: LineasApplyConfig) -> None:
+    """Generate with fitted maps: side by side at one strength, or a table + plot folder for --sweep."""
+    from interp.steering.lineas_job import run_lineas_apply
+    from interp.steering.sweep import SweepResult
+
+    result = run_lineas_apply(config)
+    if isinstance(result, SweepResult):
+        typer.echo(result.table.drop(columns=["tokens", "added_norm"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        typer.echo(f"wrote {config.out or Path('runs/lineas-apply')}/table.csv, sweep.html, generations.jsonl, config.json")
+        return
+    table, summary = result
+    shown = table[["prompt", "unsteered", "steered"]].copy()
+    for column in ("unsteered", "steered"):
+        if table[f"{column}_score"].notna().any():
+            shown[column] = [f"{t}  [{v:+.2f}]" for t, v in zip(table[column], table[f"{column}_score"], strict=True)]
+    _print_side_by_side(shown, f"strength {config.strength:g}")
+    typer.echo(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+from interp.steering.caft_job import CaftConfig  # noqa: E402
+
+
+@command(CaftConfig, "caft")
+def caft_cmd(config: CaftConfig) -> None:
+    """Concept-ablation fine-tuning on a two-cue task: plain fine-tuning, CAFT and random-direction CAFT over seeds."""
+    from interp.steering.caft_job import run_caft, summarise
+
+    table = run_caft(config)
+    typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    typer.echo(summarise(table).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    typer.echo(f"wrote {config.out}/results.jsonl, summary.csv, config.json")
 
 
 def _print_side_by_side(table: Any, title: str) -> None:

@@ -1,6 +1,6 @@
 """The one intervention mechanism: edit a site's activation during a forward pass.
 
-Patching, steering, ablations, CAFT and spliced dictionaries are all built from these::
+Patching, steering, LinEAS maps, ablations, CAFT and spliced dictionaries are all built from these::
 
     with model.intervene(Add("blocks.6.hook_resid_post", direction, scale=8.0)):
         model.generate("I think that")
@@ -54,6 +54,17 @@ class Add(Intervention):
 
     def edit(self, act: torch.Tensor) -> torch.Tensor:
         return act + self.scale * self.vector.to(act)
+
+
+@dataclass
+class Affine(Intervention):
+    """Per-unit affine map ``act * weight + bias`` over the last dimension (LinEAS, Mean-/Linear-AcT)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def edit(self, act: torch.Tensor) -> torch.Tensor:
+        return act * self.weight.to(act) + self.bias.to(act)
 
 
 @dataclass

@@ -5,10 +5,11 @@
     out = generate(model, prompts, steer, temperature=0.8, top_p=0.95, seed=1)  # seeded sampling
 
 Generation runs the model's own ``generate`` with the KV cache; the edit is one ``Add`` (or
-``ProjectOut``) hook at the site. Positions: ``"all"`` (every token), ``"prompt"`` (the prompt's
-tokens only: their edited keys and values then steer every later token through attention) or
-``"generated"`` (the new tokens only; the first new token, predicted from the prompt, is not
-affected). Prompts are left-padded into batches, so positions count the padded prompt length.
+``ProjectOut``) hook at the site, or for a LinEAS / AcT map (``AffineSteering``) one ``Affine``
+hook per site. Positions: ``"all"`` (every token), ``"prompt"`` (the prompt's tokens only: their
+edited keys and values then steer every later token through attention) or ``"generated"`` (the
+new tokens only; the first new token, predicted from the prompt, is not affected). Prompts are
+left-padded into batches, so positions count the padded prompt length.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from interp.errors import InputError
-from interp.intervene import Add, Intervention, ProjectOut
+from interp.intervene import Add, Affine, Intervention, ProjectOut
 from interp.steering.vectors import SteeringVector, Units
 
 if TYPE_CHECKING:
@@ -48,10 +49,34 @@ class Steering:
 
     def interventions(self, prompt_len: int) -> list[Intervention]:
         """The intervention for prompts left-padded to ``prompt_len`` tokens."""
-        where = {"all": None, "prompt": slice(0, prompt_len), "generated": slice(prompt_len, None)}[self.positions]
+        where = _where(self.positions, prompt_len)
         if self.mode == "add":
             return [Add(self.site, self.vector, positions=where)]
         return [ProjectOut(self.site, self.vector, positions=where)]
+
+
+@dataclass
+class AffineSteering:
+    """One per-unit affine map ``x -> weight * x + bias`` at ``site`` (LinEAS / AcT, see ``interp.steering.lineas``)."""
+
+    site: str
+    weight: torch.Tensor
+    bias: torch.Tensor
+    positions: Positions = "all"
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITIONS:
+            raise InputError(f"positions={self.positions!r}: choose one of {', '.join(POSITIONS)}")
+
+    def interventions(self, prompt_len: int) -> list[Intervention]:
+        return [Affine(self.site, self.weight, self.bias, positions=_where(self.positions, prompt_len))]
+
+
+Edit = Steering | AffineSteering
+
+
+def _where(positions: Positions, prompt_len: int) -> slice | None:
+    return {"all": None, "prompt": slice(0, prompt_len), "generated": slice(prompt_len, None)}[positions]
 
 
 def steering(vector: SteeringVector, strength: float, *, units: Units = "norm", mean_norm: float | None = None,
@@ -75,7 +100,7 @@ class Generations:
     new_ids: list[list[int]]
 
 
-def generate(model: Model, prompts: Sequence[str], steer: Steering | Sequence[Steering] = (), *,
+def generate(model: Model, prompts: Sequence[str], steer: Edit | Sequence[Edit] = (), *,
              max_new_tokens: int = 40, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              batch_size: int = 32, progress: bool = False) -> Generations:
     """Continue ``prompts`` with the steering edits active (greedy when ``temperature == 0``).
@@ -83,7 +108,7 @@ def generate(model: Model, prompts: Sequence[str], steer: Steering | Sequence[St
     Batches of ``batch_size`` prompts; batch ``i`` samples with seed ``seed + i``, so sampled
     outputs repeat exactly for the same prompts, batch size and seed.
     """
-    edits = [steer] if isinstance(steer, Steering) else list(steer)
+    edits = [steer] if isinstance(steer, Steering | AffineSteering) else list(steer)
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from interp.errors import InputError
 from interp.paths import atomic_write, write_json, write_text
 from interp.steering.evaluation import Scorer, continuation_nll, distinct_n
-from interp.steering.generation import POSITIONS, Generations, Positions, Steering, generate
+from interp.steering.generation import POSITIONS, Edit, Generations, Positions, Steering, generate
+from interp.steering.lineas import AffineMaps, check_lambda
 from interp.steering.vectors import UNITS, SteeringVector, Units, check_strength
 
 if TYPE_CHECKING:
@@ -103,13 +104,15 @@ class SweepResult:
         return out
 
 
-def sweep(model: Model, vectors: Mapping[str, SteeringVector], strengths: Sequence[float], prompts: Sequence[str], *,
+def sweep(model: Model, vectors: Mapping[str, SteeringVector | AffineMaps], strengths: Sequence[float], prompts: Sequence[str], *,
           scorer: Scorer | None = None, units: Units = "norm", mean_norms: Mapping[str, float] | None = None,
           positions: Positions = "all", max_new_tokens: int = 40, temperature: float = 0.0, top_p: float = 1.0,
           seed: int = 0, batch_size: int = 32, out: str | Path | None = None, progress: bool = True) -> SweepResult:
     """Generate, score and tabulate ``prompts`` unsteered and under each vector at each strength.
 
     ``mean_norms`` maps each vector's site to its mean activation norm (needed for ``units="norm"``).
+    ``vectors`` may also hold LinEAS / AcT maps (``AffineMaps``), whose strength is the
+    interpolation lambda in [0, 1] (``units`` do not apply to them).
     Strength 0 is the unsteered run (an added zero vector changes nothing), generated once.
     """
     strengths = sorted({check_strength(s) for s in strengths})
@@ -119,9 +122,12 @@ def sweep(model: Model, vectors: Mapping[str, SteeringVector], strengths: Sequen
         raise InputError(f"units must be one of {', '.join(UNITS)} and positions one of {', '.join(POSITIONS)}")
     if not prompts:
         raise InputError("no prompts to steer")
+    if any(isinstance(v, AffineMaps) for v in vectors.values()):
+        for s in strengths:
+            check_lambda(s)
     norms = dict(mean_norms or {})
     if units == "norm":
-        missing = sorted({v.site for v in vectors.values()} - set(norms))
+        missing = sorted({v.site for v in vectors.values() if isinstance(v, SteeringVector)} - set(norms))
         if missing:
             raise InputError(f"units='norm' needs the mean activation norm of {', '.join(missing)} (mean_norms)")
     settings = {"prompts": list(prompts), "units": units, "positions": positions, "max_new_tokens": max_new_tokens,
@@ -136,10 +142,12 @@ def sweep(model: Model, vectors: Mapping[str, SteeringVector], strengths: Sequen
         if path is not None and path.is_file():
             records += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
             continue
-        edits: list[Steering] = []
+        edits: list[Edit] = []
         scale = 0.0
-        if method != UNSTEERED:
-            v = vectors[method]
+        v = vectors.get(method)
+        if isinstance(v, AffineMaps):
+            edits, scale = list(v.steering(strength, positions)), float("nan")
+        elif v is not None:
             added = v.scaled(strength, units, norms.get(v.site))
             scale = float(added.norm())
             edits = [Steering(v.site, added, positions)]
@@ -200,7 +208,9 @@ def _prepare(out: Path, settings: dict[str, Any]) -> Path:
     return folder
 
 
-def _vector_digest(v: SteeringVector) -> str:
+def _vector_digest(v: SteeringVector | AffineMaps) -> str:
+    if isinstance(v, AffineMaps):
+        return v.digest()
     return f"{v.site}:{v.source}:" + hashlib.sha256(v.vector.numpy().tobytes()).hexdigest()[:16]
 
 
