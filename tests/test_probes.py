@@ -174,7 +174,7 @@ def test_builtin_concept_files_ship_as_package_data():
     import interp.data.concepts as concepts
 
     root = Path(__file__).resolve().parents[1]
-    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["interp.data"]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["interp.resources"]
     files = [p.relative_to(concepts.BUILTIN).as_posix() for kind in ("concepts", "prompts") for p in (concepts.BUILTIN / kind).iterdir()]
     assert len(files) >= 8
     assert all(any(fnmatch.fnmatch(f, pattern) for pattern in patterns) for f in files), files
