@@ -11,7 +11,7 @@ Every direction lives at the SNMF's site, ``blocks.L.mlp.hook_post`` (the MLP hi
 - ``sae``: an SAE trained on the same site (``--sae``), its latents ranked and chosen the same way;
 - ``diff-means``: the mean activation of the concept's positive texts minus that of its negative
   texts (last token, the library default);
-- ``random``: a seeded random unit direction (one per concept).
+- ``random``: a seeded random unit direction (the same for every concept).
 
 Matched strength: for each direction and each KL target, the added norm is found by bisection so
 that the mean KL(unsteered || steered) of the next-token distribution after the first
@@ -126,7 +126,7 @@ def main() -> None:
     results: dict = {"site": site, "snmf": str(args.snmf), "sae": str(args.sae) if args.sae else None, "kl_targets": targets,
                      "new_tokens": args.new_tokens, "concepts": {}}
 
-    for c_index, name in enumerate(args.concepts.split(",")):
+    for name in args.concepts.split(","):
         concept = load_concept(name)
         scorer = make_scorer("auto", concept)
         folder = args.out / name
@@ -185,7 +185,7 @@ def main() -> None:
         if "diff-means" in wanted:
             chosen["diff-means"] = ("diff-means", diff_in_means(model, concept, site))
         if "random" in wanted:
-            g = torch.Generator().manual_seed(1000 + c_index)
+            g = torch.Generator().manual_seed(1000)  # one seeded random direction, the same for every concept
             chosen["random"] = ("random", SteeringVector(site, torch.randn(snmf.d, generator=g), "random"))
         if len(targets) > 1:  # the strength (KL target) of these two is chosen on dev too
             dev_tables += [run("dev", *chosen[f]) for f in ("diff-means", "random") if f in chosen]
