@@ -156,3 +156,16 @@ def resource_json(name: str) -> Any:
         raise InputError(f"data/{name} is missing from the installed package interp.resources (an install without its package data?)")
     return json.loads(path.read_text(encoding="utf-8"))
 
+
+def read_format_json(folder: str | Path, name: str, format_name: str, what: str) -> dict[str, Any]:
+    """``folder/name`` parsed, refused unless its ``format`` field is ``format_name`` (``what`` names it in errors)."""
+    from interp.errors import InputError
+
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / name).read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{folder} holds no readable {name}: {err}") from err
+    if meta.get("format") != format_name:
+        raise InputError(f"{folder / name} is not {what}")
+    return meta

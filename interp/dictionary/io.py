@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from interp.dictionary.sae import DictionaryConfig, SparseDictionary
 from interp.errors import InputError
-from interp.paths import atomic_directory, atomic_write, write_json
+from interp.paths import atomic_directory, atomic_write, read_format_json, write_json
 
 WEIGHTS, META = "dictionary.safetensors", "dictionary.json"
 FORMAT = "interp-dictionary"
@@ -45,12 +45,7 @@ def save_dictionary(dictionary: SparseDictionary, folder: str | Path, **extra: A
 def load_dictionary(folder: str | Path, *, d_in: int | None = None) -> SparseDictionary:
     """Load a folder written by ``save_dictionary``; ``d_in`` checks the input width if given."""
     folder = Path(folder)
-    try:
-        meta = json.loads((folder / META).read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"{folder} holds no readable {META}: {err}") from err
-    if meta.get("format") != FORMAT:
-        raise InputError(f"{folder / META} is not an interp dictionary")
+    meta = read_format_json(folder, META, FORMAT, "an interp dictionary")
     config = DictionaryConfig(**meta["config"])
     _check_width(config, d_in, folder)
     dictionary = SparseDictionary(config)

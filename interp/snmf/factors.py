@@ -11,7 +11,6 @@ Y_0·Y_1·…·Y_i.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from dataclasses import asdict, replace
@@ -24,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from interp.errors import InputError
-from interp.paths import atomic_write, write_json
+from interp.paths import atomic_write, read_format_json, write_json
 from interp.snmf.core import TINY, FitResult, SNMFConfig, fit
 from interp.snmf.data import Activations, TensorActivations
 
@@ -162,12 +161,7 @@ class SNMF:
     @classmethod
     def load(cls, folder: str | Path) -> SNMF:
         folder = Path(folder)
-        try:
-            meta = json.loads((folder / META).read_text())
-        except (OSError, ValueError) as err:
-            raise InputError(f"{folder} holds no readable {META}: {err}") from err
-        if meta.get("format") != FORMAT:
-            raise InputError(f"{folder / META} is not an interp SNMF")
+        meta = read_format_json(folder, META, FORMAT, "an interp SNMF")
         tensors = load_file(str(folder / WEIGHTS))
         fields = {f.name for f in dataclasses.fields(SNMFConfig)}
         config = SNMFConfig(**{k: v for k, v in meta["config"].items() if k in fields})
