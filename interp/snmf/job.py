@@ -20,8 +20,7 @@ import pandas as pd
 
 from interp.config import opt, parse_count, write_config
 from interp.errors import InputError
-from interp.paths import interp_home
-from interp.paths import atomic_write, write_json
+from interp.paths import atomic_write, interp_home, write_json
 from interp.snmf.core import STATE, SNMFConfig, check_finite
 from interp.snmf.data import StoreActivations
 from interp.snmf.factors import SNMF, evaluate, fit_recursive, hierarchy_table
