@@ -38,7 +38,7 @@ def test_qk_fix_equals_patching_the_attention_pattern(saturated):
     qk: dict = {}
     with atp._capture_qk(model, [1], qk):
         acts, grads = gradients_at(model, task, task.corrupt, [resid, pattern], None)
-    fix = atp._qk_fix(qk[1], atp._patched_qk(model, task.corrupt, {resid: 1}, acts, source, qk)[resid], grads[pattern])
+    [fix] = atp._qk_fix(qk[1], [atp._patched_qk(model, {resid: 1}, acts, source, qk)[resid]], grads[pattern])
 
     def through_pattern(positions):
         with torch.no_grad(), model.intervene(interp.Replace(resid, source[resid], positions=positions)):
@@ -46,7 +46,7 @@ def test_qk_fix_equals_patching_the_attention_pattern(saturated):
         return float((grads[pattern] * (patched - base[pattern])).sum())
 
     expected = torch.tensor([through_pattern([p]) for p in range(task.clean.ids.shape[1])], dtype=torch.float64)
-    torch.testing.assert_close(fix["each"], expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fix["each"].double(), expected, rtol=1e-4, atol=1e-6)
     assert float(fix["all"]) == pytest.approx(through_pattern(None), rel=1e-4, abs=1e-6)
     # Saturation makes the linear estimate through queries and keys wrong by a lot somewhere.
     assert float((fix["linear each"] - expected).abs().max()) > 0.5 * float(expected.abs().max())
@@ -59,6 +59,18 @@ def test_atp_star_is_closer_to_activation_patching_where_softmax_saturates(satur
     plain = attribution_patching(model, task, cells=cells).table.metric.to_numpy()
     star = atp_star(model, task, cells=cells).table.metric.to_numpy()
     assert ((star - truth) ** 2).sum() < 0.2 * ((plain - truth) ** 2).sum()
+
+
+def test_queries_and_keys_from_the_source_run_equal_those_recomputed_from_the_patched_residual(saturated):
+    """A resid_pre cell's patched queries and keys are read off the source run when that run reaches
+    their attention (a later site is asked for), else recomputed by calling the block: same estimates."""
+    model, task = saturated
+    resid = [Cell(model.site("resid_pre", 1), p) for p in range(task.clean.ids.shape[1])]
+    recomputed = atp_star(model, task, cells=resid).table.metric.to_numpy()
+    read_off = atp_star(model, task, cells=resid + [Cell(model.site("mlp_out", 1), 3)]).table.metric.to_numpy()[:-1]
+    plain = attribution_patching(model, task, cells=resid).table.metric.to_numpy()
+    assert abs(recomputed - plain).max() > 1e-2  # the fix matters on these cells
+    assert read_off == pytest.approx(recomputed, rel=1e-5, abs=1e-6)
 
 
 def test_cells_without_a_query_key_path_keep_the_attribution_estimate(saturated):

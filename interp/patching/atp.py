@@ -36,14 +36,14 @@ import torch
 
 import interp
 from interp.errors import InputError
-from interp.models.hooks import StopForward, tap_scores
+from interp.models.hooks import StopForward, replace_hidden_input, tap_scores
 from interp.patching.activation import DEFAULT_KINDS, Cell, cell_region, cell_table, plan
 from interp.patching.attribution import gradients_at
 from interp.patching.result import PatchingResult
 from interp.patching.rules import Rules
 
 if TYPE_CHECKING:
-    from interp.models.model import Model, Tokens
+    from interp.models.model import Model
     from interp.patching.tasks import PatchingTask
 
 # Kinds that add to the residual stream: (layer offset of the first attention that reads them).
@@ -76,7 +76,13 @@ def atp_star(
     reading_layers = sorted(set(readers.values()))
     resid_sites = [model.site("resid_pre", r) for r in reading_layers]
     pattern_sites = [model.site("pattern", r) for r in reading_layers]
-    with torch.no_grad():
+    # A resid_pre cell's patched residual is the source run's own, so where both runs share their
+    # positions and mask, its reading layer's queries and keys are read off the source run.
+    same_layout = base.mask is None and source.mask is None or (
+        base.mask is not None and source.mask is not None and torch.equal(base.mask, source.mask))
+    direct = [s for s in readers if same_layout and model.site_table.info(s).kind == "resid_pre"]
+    src_qk: dict[int, dict[str, Any]] = {}
+    with torch.no_grad(), _capture_qk(model, sorted({readers[s] for s in direct}), src_qk):
         src = model.run_with_cache(source, sites)
     drops = [None] + (list(range(model.cfg.n_layers)) if grad_drop else [])
     runs = []
@@ -87,21 +93,29 @@ def atp_star(
                                            allow_cut=dropped is not None or model.active_interventions > 0)
         runs.append((acts, grads, qk))
     acts, _, qk = runs[0]
-    patched = _patched_qk(model, base, readers, acts, src, qk)
+    # (run_with_cache may stop before a reading layer's attention when no later site is asked for)
+    patched = {s: src_qk[readers[s]] for s in direct if "q" in src_qk.get(readers[s], {})}
+    patched.update(_patched_qk(model, {s: layer for s, layer in readers.items() if s not in patched}, acts, src, qk))
+    by_layer: dict[int, list[str]] = defaultdict(list)
+    for site, layer in readers.items():
+        by_layer[layer].append(site)
+    whole = {cell.site for cell in cells if cell.position is None}  # sites with an all-positions cell
 
     estimates = torch.zeros(len(drops), len(cells), dtype=torch.float64)
     for run, (acts_d, grads, qk_d) in enumerate(runs):
-        fixes = {site: _qk_fix(qk_d[layer], patched[site], grads[model.site("pattern", layer)])
-                 for site, layer in readers.items()}
+        fixes = {}  # site -> (exact minus linear effect through queries and keys: per position, all positions)
+        for layer, layer_sites in by_layer.items():
+            for site, fix in zip(layer_sites, _qk_fix(qk_d[layer], [patched[s] for s in layer_sites],
+                                                      grads[model.site("pattern", layer)],
+                                                      every_position=bool(whole & set(layer_sites))), strict=True):
+                fixes[site] = ((fix["each"] - fix["linear each"]).tolist(),
+                               float(fix["all"] - fix["linear all"]) if "all" in fix else None)
+        contributions = {site: (src[site] - acts_d[site]) * grads[site] for site in sites}
         for i, cell in enumerate(cells):
-            region = cell_region(cell, model.site_table.info(cell.site))
-            value = float(((src[cell.site] - acts_d[cell.site]) * grads[cell.site])[region].sum())
+            value = float(contributions[cell.site][cell_region(cell, model.site_table.info(cell.site))].sum())
             if cell.site in fixes and cell.head is None:
-                fix = fixes[cell.site]
-                if cell.position is None:
-                    value += float(fix["all"] - fix["linear all"])
-                else:
-                    value += float(fix["each"][cell.position] - fix["linear each"][cell.position])
+                each, everywhere = fixes[cell.site]
+                value += everywhere if cell.position is None else each[cell.position]
             estimates[run, i] = value
     final = estimates[0] if not grad_drop else estimates[1:].abs().mean(0)
     base_value = task.corrupt_value if direction == "denoising" else task.clean_value
@@ -123,18 +137,27 @@ def _readers(model: Model, sites: list[str]) -> dict[str, int]:
 
 @contextlib.contextmanager
 def _capture_qk(model: Model, layers: list[int], into: dict[int, dict[str, Any]]):
-    """Keep queries, keys (with their gradients), scores and the score transform of ``layers``' attention."""
+    """Keep queries, keys (with their gradients), scores and the score transform of ``layers``' attention,
+    and the arguments their blocks were called with."""
 
     def tap(layer: int):
         def fn(query: torch.Tensor, keys: torch.Tensor, scores: torch.Tensor, transform) -> None:
             for t in (query, keys):
                 if t.requires_grad:
                     t.retain_grad()
-            into[layer] = {"q": query, "k": keys, "scores": scores.detach(), "transform": transform}
+            into[layer].update(q=query, k=keys, scores=scores.detach(), transform=transform)
 
         return fn
 
+    def block_inputs(layer: int):
+        def fn(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            into.setdefault(layer, {})["block inputs"] = (args, kwargs)
+
+        return fn
+
+    blocks = model.module.get_submodule(model.arch.layers)
     handles = [tap_scores(_attention(model, layer), model.module.config, tap(layer)) for layer in layers]
+    handles += [blocks[layer].register_forward_pre_hook(block_inputs(layer), with_kwargs=True) for layer in layers]
     try:
         yield
     finally:
@@ -157,69 +180,71 @@ def _drop_gradient(model: Model, layer: int | None):
         yield
 
 
-def _patched_qk(model: Model, base: Tokens, readers: dict[str, int], acts, src, qk) -> dict[str, dict[str, torch.Tensor]]:
+def _patched_qk(model: Model, readers: dict[str, int], acts, src, qk) -> dict[str, dict[str, torch.Tensor]]:
     """site -> queries and keys of its reading layer when the residual there carries the site's change.
 
-    Queries and keys are position-local functions of the residual stream, so one partial forward
-    over the residual with every position changed gives the changed query and key at each position.
+    Queries and keys are position-local functions of the residual stream, so one call of the
+    reading block (with the arguments of the base run, stopped at its attention scores) on the
+    residual with every position changed gives the changed query and key at each position.
     """
-    by_layer: dict[int, list[str]] = defaultdict(list)
-    for site, layer in readers.items():
-        by_layer[layer].append(site)
+    blocks = model.module.get_submodule(model.arch.layers)
     out = {}
-    n = base.ids.shape[0]
     with torch.no_grad():
-        for layer, sites in by_layer.items():
+        for site, layer in readers.items():
             resid = acts[model.site("resid_pre", layer)]
-            stacked = torch.cat([resid + (src[s] - acts[s]).to(resid.dtype) for s in sites])
             seen: dict[str, torch.Tensor] = {}
 
             def stop(query, keys, _scores, _transform, seen=seen):
                 seen["q"], seen["k"] = query, keys
                 raise StopForward
 
+            args, kwargs = replace_hidden_input(*qk[layer]["block inputs"], resid + (src[site] - acts[site]).to(resid.dtype))
             handle = tap_scores(_attention(model, layer), model.module.config, stop)
             try:
-                model.forward_from(layer, stacked, base.take(torch.arange(n).repeat(len(sites))))
+                blocks[layer](*args, **kwargs)
             except StopForward:
                 pass
             finally:
                 handle.remove()
             if "q" not in seen:
                 raise InputError(f"AtP*: the attention of layer {layer} was not reached from its residual stream")
-            for i, site in enumerate(sites):
-                out[site] = {"q": seen["q"][i * n:(i + 1) * n], "k": seen["k"][i * n:(i + 1) * n]}
+            out[site] = {"q": seen["q"], "k": seen["k"]}
     return out
 
 
-def _qk_fix(base: dict[str, Any], new: dict[str, torch.Tensor], grad_pattern: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Effect of the change of queries and keys on the metric, summed over prompts and heads: through the
-    exact change of the pattern ("each": [positions], for a change at one position; "all": for a change
-    at every position), and as attribution patching estimates it ("linear each", "linear all")."""
-    q, k = base["q"].detach().double(), base["k"].detach().double()
-    dq = base["q"].grad.double() if base["q"].grad is not None else torch.zeros_like(q)
-    dk = base["k"].grad.double() if base["k"].grad is not None else torch.zeros_like(k)
-    q2, k2 = new["q"].double(), new["k"].double()
+def _qk_fix(base: dict[str, Any], new: list[dict[str, torch.Tensor]], grad_pattern: torch.Tensor,
+            every_position: bool = True) -> list[dict[str, torch.Tensor]]:
+    """For each of ``new``'s changed queries and keys of one layer: its effect on the metric, summed over
+    prompts and heads, through the exact change of the pattern ("each": [positions], for a change at
+    one position; "all": for a change at every position), and as attribution patching estimates it
+    ("linear each", "linear all"; "all" only with ``every_position``). All changes of a layer are
+    computed together, stacked in front."""
+    # float32 (upcast from lower precisions): the model's own scores are float32 at best; float64 here
+    # moved no estimate of the embedded IOI sweep by more than 5e-7, at 1.4x the time.
+    q, k = base["q"].detach().float(), base["k"].detach().float()
+    dq = base["q"].grad.float() if base["q"].grad is not None else torch.zeros_like(q)
+    dk = base["k"].grad.float() if base["k"].grad is not None else torch.zeros_like(k)
+    q2, k2 = torch.stack([n["q"] for n in new]).float(), torch.stack([n["k"] for n in new]).float()  # [sites, n, h, p, d]
     transform = base["transform"]
-    scores = base["scores"].double()
+    scores = base["scores"].float()
     blocked = base["scores"] <= torch.finfo(base["scores"].dtype).min / 2
     pattern = torch.softmax(scores, dim=-1)
-    g = grad_pattern.double()
+    g = grad_pattern.float()
 
     def rescored(dots_new: torch.Tensor, dots_old: torch.Tensor) -> torch.Tensor:
         return torch.where(blocked, scores, scores + transform(dots_new) - transform(dots_old))
 
     dots = q @ k.transpose(-1, -2)
-    linear_each = ((q2 - q) * dq).sum(-1) + ((k2 - k) * dk).sum(-1)  # [n, h, positions]
+    linear_each = ((q2 - q) * dq).sum(-1) + ((k2 - k) * dk).sum(-1)  # [sites, n, h, positions]
 
     # The query at p changes row p (with the key at p changed too, on the diagonal).
     row_dots = q2 @ k.transpose(-1, -2)
     diagonal = (q2 * k2).sum(-1)
     row_dots = row_dots - torch.diag_embed(row_dots.diagonal(dim1=-2, dim2=-1)) + torch.diag_embed(diagonal)
-    row = (g * (torch.softmax(rescored(row_dots, dots), dim=-1) - pattern)).sum(-1)  # [n, h, p]
+    row = (g * (torch.softmax(rescored(row_dots, dots), dim=-1) - pattern)).sum(-1)  # [sites, n, h, p]
 
     # The key at p changes column p of every other row t: closed form from row t's log-partition.
-    new_column = rescored(q @ k2.transpose(-1, -2), dots)  # [n, h, t, p]: row t's score for key p when k_p changes
+    new_column = rescored(q @ k2.transpose(-1, -2), dots)  # [sites, n, h, t, p]: row t's score for key p when k_p changes
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     top = scores.argmax(-1, keepdim=True)
     without_top = torch.logsumexp(scores.scatter(-1, top, float("-inf")), dim=-1, keepdim=True)
@@ -230,6 +255,10 @@ def _qk_fix(base: dict[str, Any], new: dict[str, torch.Tensor], grad_pattern: to
     weighted = (g * pattern).sum(-1, keepdim=True)
     column = shrink * (weighted - g * pattern) + g * (torch.exp(new_column - lse_new) - pattern)
     column = column - torch.diag_embed(column.diagonal(dim1=-2, dim2=-1))  # row p is counted in ``row``
-    everything = (g * (torch.softmax(rescored(q2 @ k2.transpose(-1, -2), dots), dim=-1) - pattern)).sum()
-    return {"each": (row + column.sum(-2)).sum((0, 1)), "all": everything,
-            "linear each": linear_each.sum((0, 1)), "linear all": linear_each.sum()}
+    each, linear = (row + column.sum(-2)).sum((1, 2)), linear_each.sum((1, 2))
+    fixes = [{"each": each[i], "linear each": linear[i], "linear all": linear[i].sum()} for i in range(len(new))]
+    if every_position:
+        everything = (g * (torch.softmax(rescored(q2 @ k2.transpose(-1, -2), dots), dim=-1) - pattern)).flatten(1).sum(1)
+        for fix, value in zip(fixes, everything, strict=True):
+            fix["all"] = value
+    return fixes
