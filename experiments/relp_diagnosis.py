@@ -65,7 +65,9 @@ def roles(model, task) -> list[str]:
 
 
 def gaps(ref, result, model, task) -> dict:
-    """Share of the squared gap per component by layer third and by token role."""
+    """Share of the squared gap per component by layer third and by token role, and the Pearson
+    correlation without the first block (whose MLP output at a changed token carries most of that
+    token's identity: patching it is far from the linear regime)."""
     keys = ["kind", "layer", "position", "head"]
     both = ref.table.merge(result.table, on=keys, suffixes=("_ref", "_est"))
     both["gap2"] = (both.score_est - both.score_ref) ** 2
@@ -79,7 +81,8 @@ def gaps(ref, result, model, task) -> dict:
         out[kind] = {"total": total,
                      "by layers": (part.groupby("layers").gap2.sum() / total).round(3).to_dict(),
                      "by role": (part.groupby("role").gap2.sum() / total).round(3).to_dict(),
-                     "by layer": (part.groupby("layer").gap2.sum() / total).round(3).to_dict()}
+                     "by layer": (part.groupby("layer").gap2.sum() / total).round(3).to_dict(),
+                     "pearson without block 0": float(np.corrcoef(part[part.layer > 0].score_ref, part[part.layer > 0].score_est)[0, 1])}
     return out
 
 
@@ -123,13 +126,16 @@ def main() -> None:
     for m in methods:
         print(f"{m:44s}" + "".join(f"{np.mean([c[m][k] for c in correlations.values()]):11.3f}" for k in KINDS))
     for m in next(iter(breakdowns.values())):
-        print(f"\nsquared gap of {m}, share by token role and by layer third (mean over templates)")
+        print(f"\nsquared gap of {m}, share by token role, by layer third and in block 0; Pearson without block 0 (means over templates)")
         for k in KINDS:
             shares = [b[m][k] for b in breakdowns.values()]
             role = {r: np.mean([s["by role"].get(r, 0.0) for s in shares]) for r in sorted({r for s in shares for r in s["by role"]})}
             third = {r: np.mean([s["by layers"].get(r, 0.0) for s in shares]) for r in sorted({r for s in shares for r in s["by layers"]},
                                                                                              key=lambda x: int(x[1:].split("-")[0]))}
-            print(f"  {k:10s} " + "  ".join(f"{r} {v:.2f}" for r, v in role.items()) + "  |  " + "  ".join(f"{r} {v:.2f}" for r, v in third.items()))
+            first = np.mean([s["by layer"].get(0, s["by layer"].get("0", 0.0)) for s in shares])
+            pearson = np.mean([s["pearson without block 0"] for s in shares])
+            print(f"  {k:10s} " + "  ".join(f"{r} {v:.2f}" for r, v in role.items()) + "  |  " + "  ".join(f"{r} {v:.2f}" for r, v in third.items())
+                  + f"  |  block 0 {first:.2f}  |  Pearson without block 0 {pearson:.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"diagnosis-{args.split}.json"
     path.write_text(json.dumps({"correlations": correlations, "breakdowns": breakdowns}, indent=1))
