@@ -15,8 +15,9 @@ where the linear estimate through queries and keys is (q' - q) . dM/dq + (k' - k
 attribution estimate of patching the queries and keys themselves. Everything downstream of the
 pattern stays linear. A cell at one position changes one query row (all its keys) and one key
 column (every later query) of each head; both are computed in closed form from the base scores,
-so the fix costs one partial forward per layer (queries and keys only) plus O(heads x positions^2)
-arithmetic per cell. Cells of other kinds (heads' ``z``, MLP hidden, norms) get the attribution estimate.
+so the fix costs one call of the reading block up to its scores per patched component (none for
+``resid_pre``, whose patched residual is the source run's own: its queries and keys are read off that
+run) plus O(heads x positions^2) arithmetic per cell. Cells of other kinds (heads' ``z``, MLP hidden, norms) get the attribution estimate.
 
 GradDrop (``grad_drop=True``) is the paper's second fix, against cancellation: one more backward
 pass per layer, each with the gradient through that layer's attention and MLP outputs set to zero;
