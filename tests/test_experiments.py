@@ -74,12 +74,31 @@ def test_experiment_runs_at_smoke_size(path, tmp_path, embedded):
     config = json.loads((out / "config.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     assert config["smoke"] and config["params"] == json.loads(json.dumps(vars(load_spec(path, smoke=True).params), default=str))
-    assert config["seconds"] > 0 and "png_problems" not in metrics or browser_problem()
+    assert config["seconds"] > 0 and ("png_problems" not in metrics or browser_problem())
     figures = sorted(p.stem for p in (out / "figures").glob("*.html"))
     assert figures and (out / "figures" / "plotly.min.js").exists()
     if browser_problem() is None:  # kaleido renders PNGs with the system chromium
         assert all((out / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG" for name in figures)
     CHECKS[config["kind"]](out, metrics, config["params"])
+
+
+@pytest.mark.embedded
+def test_a_finished_sweep_is_reused_only_with_the_settings_it_ran_with(tmp_path, embedded):
+    """Rerunning into the same folder reuses the finished sweep; other settings are refused, not mixed in."""
+    source = Path(__file__).resolve().parents[1] / "experiments" / "sae_pareto.toml"
+    text = source.read_text()
+    same, other = tmp_path / "same.toml", tmp_path / "other.toml"
+    same.write_text(text)
+    other.write_text(text.replace("latents = 256", "latents = 128"))
+    assert "latents = 128" in other.read_text()
+    out = run_experiment(same, smoke=True, out=tmp_path / "out")
+    first = json.loads((out / "metrics.json").read_text())
+    weights = (out / "interp" / "checkpoint.json").read_text()
+    run_experiment(same, smoke=True, out=tmp_path / "out")
+    assert json.loads((out / "metrics.json").read_text())["table"] == first["table"]
+    assert (out / "interp" / "checkpoint.json").read_text() == weights  # not retrained
+    with pytest.raises(InputError, match="other settings"):
+        run_experiment(other, smoke=True, out=tmp_path / "out")
 
 
 def check_sae_pareto(out: Path, metrics: dict, params: dict) -> None:

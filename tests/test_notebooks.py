@@ -26,6 +26,17 @@ def test_notebook_is_committed_without_outputs(path):
         f"{path.name}: the first code cell must be the tagged parameters cell reading INTERP_SMOKE (see notebooks/README.md)"
 
 
+# What a notebook must print (text outputs) and leave on disk (relative to its working folder) besides
+# running without errors and showing a plotly figure. Each notebook runs once in the suite.
+EXPECTED = {
+    "steering.ipynb": {"printed": ["held-out accuracy", "sae-latent"], "files": []},
+    "lenses.ipynb": {"printed": ["logit difference"], "files": []},
+    "lineas_caft.ipynb": {"printed": ["units changed", "out-of-distribution"],
+                          "files": ["maps/lineas.safetensors", "sweep/table.csv"]},
+    "snmf.ipynb": {"printed": [], "files": ["runs/tutorials/snmf/features.html"]},
+}
+
+
 @pytest.mark.embedded
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_at_smoke_size(path, tmp_path, monkeypatch, embedded):
@@ -38,3 +49,8 @@ def test_notebook_runs_at_smoke_size(path, tmp_path, monkeypatch, embedded):
     assert not errors
     assert any(out.get("data", {}).get("application/vnd.plotly.v1+json") for cell in book.cells if cell.cell_type == "code"
                for out in cell.outputs), f"{path.name} shows no plotly figure"
+    expected = EXPECTED.get(path.name, {"printed": [], "files": []})
+    text = "".join(str(out.get("text", "")) + str(out.get("data", {}).get("text/plain", ""))
+                   for cell in book.cells if cell.cell_type == "code" for out in cell.outputs)
+    assert not [p for p in expected["printed"] if p not in text], f"{path.name} did not print {expected['printed']}"
+    assert not [f for f in expected["files"] if not (tmp_path / f).is_file()], f"{path.name} did not write {expected['files']}"

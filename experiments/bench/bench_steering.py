@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import warnings
 from pathlib import Path
@@ -129,6 +130,11 @@ def main() -> None:
     }
     # Equivalence: TransformerLens's steered greedy tokens against interp's, position by position.
     ours = generate(model, prompts, steer_all, max_new_tokens=n, batch_size=args.batch).new_ids
+    plain = generate(model, prompts, (), max_new_tokens=n, batch_size=args.batch).new_ids
+    if ours == plain:
+        raise SystemExit("the steered generations equal the plain ones: the timed steering does nothing")
+    changed = sum(a != b for a, b in zip(ours, plain))
+    print(f"steering changes the greedy continuation of {changed} of {len(ours)} prompts")
     theirs = tl_case("check", [(site, tl_hook)])()[:, ids.shape[1]:].tolist()
     agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y))) for x, y in zip(ours, theirs)]
     print(f"TransformerLens vs interp steered greedy tokens: rows identical for their first {statistics.median(agree):.0f} "
@@ -154,6 +160,7 @@ def main() -> None:
     print(f"TransformerLens steered / interp steered (time per step, medians): {ratio:.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"results": results, "steps": steps, "tl_agreement_tokens": agree, "tl_ratio": ratio,
+                                    "load_average_end": os.getloadavg(),
                                     "threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
     print(f"wrote {args.out}")
 

@@ -45,10 +45,13 @@ def run(params: PatchingCorrelationParams, results: Results) -> dict[str, Any]:
     rules = {name: Rules.parse(name) for name in params.rule_sets}  # bad rule names fail before any work
     model = interp.load_model(params.model)  # per template: t<N>/ holds its cell tables and correlations.json
     per_template: dict[str, Any] = {}
+    settings = {"model": params.model, "prompts": params.prompts, "seed": params.seed, "kinds": list(params.kinds),
+                "rule_sets": list(params.rule_sets), "per_position": params.per_position}
     for template in params.templates:
         done = results.root / f"t{template}" / "correlations.json"
-        if done.exists():  # finished in an earlier, interrupted run of this experiment
-            per_template[str(template)] = json.loads(done.read_text())
+        cached = json.loads(done.read_text()) if done.exists() else {}
+        if cached.get("settings") == settings:  # finished in an earlier, interrupted run with these settings
+            per_template[str(template)] = cached
             continue
         task = ioi_task(model, params.prompts, template=template, seed=params.seed)
         print(task.summary())
@@ -59,7 +62,7 @@ def run(params: PatchingCorrelationParams, results: Results) -> dict[str, Any]:
             methods[f"RelP [{name}]"] = attribution_patching(model, task, params.kinds, rules=rule_set, **common)
         table = {name: {kind: result.correlation(reference, kind) for kind in params.kinds} for name, result in methods.items()}
         relp = methods[f"RelP [{DEFAULT_RULES}]"]
-        entry = {"task": task.summary(), "cells": len(reference.table), "correlations": table,
+        entry = {"task": task.summary(), "cells": len(reference.table), "correlations": table, "settings": settings,
                  "seconds": {**{n: r.seconds for n, r in methods.items()}, "activation patching": reference.seconds}}
         if params.per_position and "resid_pre" in params.kinds:
             entry["resid_pre_disagreement"] = disagreement(reference, relp, task.position_labels(model))

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from interp.config import config_dict
+from interp.dictionary import checkpoint
+from interp.errors import InputError
 from interp.experiments import register
 from interp.experiments.results import Results
 from interp.paths import atomic_write
@@ -48,11 +51,18 @@ def run(params: SaeParetoParams, results: Results) -> dict[str, Any]:
                          eval_contexts=params.eval_contexts, corpus=params.corpus, store=store, out=results.root / "interp",
                          batch_size=params.batch_size, seed=params.seed)
     trainer = Trainer(config)
+    # A finished or interrupted sweep in this folder is reused only with the settings it was run with.
+    settings = {k: v for k, v in config_dict(config).items() if k != "resume"}
     done = config.out / "metrics.json"
     if done.exists():  # the sweep finished in an earlier run of this experiment
+        saved = json.loads((config.out / "config.json").read_text())
+        differ = sorted(k for k in settings if saved.get(k) != settings[k])
+        if differ:
+            raise InputError(f"{config.out} holds a sweep run with other settings ({', '.join(differ)} differ); "
+                             "give the experiment another results folder or delete that one")
         ours = json.loads(done.read_text())
     else:
-        if (config.out / "checkpoint").exists():  # interrupted: continue where it stopped
+        if checkpoint.exists(config.out):  # interrupted: continue where it stopped (refused if settings differ)
             trainer.load_checkpoint()
         ours = trainer.run()
     table = [{"method": "interp", "k": k, **_pick(ours[name])} for k, name in zip(params.ks, ours, strict=True)]
@@ -66,11 +76,14 @@ def run(params: SaeParetoParams, results: Results) -> dict[str, Any]:
         contexts = held_out_contexts(trainer.store, held_out, params.eval_contexts, trainer.model.tokenizer)
         for k in params.ks:
             path = results.path("sparsify", f"k{k}.json")
-            if path.exists():
-                theirs[str(k)] = json.loads(path.read_text())
-            else:
+            piece = {**settings, "auxk_dead": trainer.auxk_dead}  # what a sparsify run depends on
+            cached = json.loads(path.read_text()) if path.exists() else {}
+            if cached.get("settings") == piece:
+                theirs[str(k)] = cached
+            else:  # not run yet, or run with other settings: (re)train
                 dictionary, stats = train_sparsify(trainer, k)
-                theirs[str(k)] = {**stats, **dictionary_metrics(dictionary, trainer.store, held_out, trainer.model, contexts)}
+                theirs[str(k)] = {**stats, **dictionary_metrics(dictionary, trainer.store, held_out, trainer.model, contexts),
+                                  "settings": piece}
                 results.write_json(f"sparsify/k{k}.json", theirs[str(k)])
             table.append({"method": "sparsify", "k": k, **_pick(theirs[str(k)])})
 

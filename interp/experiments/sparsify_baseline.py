@@ -1,9 +1,10 @@
 """EleutherAI sparsify trained on exactly the batches interp's trainer reads (a baseline).
 
 Same training rows, shuffled order, batch size, Adam learning rate and schedule as the interp
-``Trainer`` it is given; otherwise sparsify keeps its own design (its SparseCoder forward, AuxK on
-latents dead for its default 10M tokens, decoder renormalisation and gradient projection, b_dec
-starting at zero). The result is converted into a ``SparseDictionary`` computing the same function,
+``Trainer`` it is given, and the same AuxK dead threshold (the trainer's ``auxk_dead``: sparsify's own
+10M tokens would never be reached in a short run, leaving its AuxK off); otherwise sparsify keeps its
+own design (its SparseCoder forward, decoder renormalisation and gradient projection, b_dec starting
+at zero). The result is converted into a ``SparseDictionary`` computing the same function,
 so one evaluation code scores both.
 """
 
@@ -54,7 +55,7 @@ def train_sparsify(trainer: Any, k: int) -> tuple[SparseDictionary, dict[str, fl
         for group in opt.param_groups:
             group["lr"] = trainer.lr_at(step)
         sae.set_decoder_norm_to_unit_norm()
-        out = sae(x, dead_mask=since > 10_000_000)
+        out = sae(x, dead_mask=since >= trainer.auxk_dead)  # interp's AuxK threshold, not sparsify's fixed 10M
         (out.fvu + out.auxk_loss / 32).backward()
         sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
