@@ -84,6 +84,9 @@ def main() -> None:
     parser.add_argument("--choices", type=Path, default=Path("runs/lens_kl/choices.json"),
                         help="interp's optimizer and lr as chosen on dev by lens_kl.py (else adam 1e-3)")
     parser.add_argument("--optimizer", default=None, help="interp's optimizer (overrides --choices)")
+    parser.add_argument("--compute-dtype", default="auto",
+                        help="interp's unembedding matmul dtype in training (auto: bfloat16 where the CPU has it natively; "
+                             "float32 is the control for the package, which trains in float32)")
     parser.add_argument("--lr", type=float, default=None, help="interp's learning rate (overrides --choices)")
     parser.add_argument("--test-contexts", type=int, default=None, help="evaluate on the first N test contexts (default: all 64)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/tuned_lens.json"))
@@ -105,6 +108,7 @@ def main() -> None:
     optimizer, lr = args.optimizer or optimizer, args.lr or lr
     work = Path(tempfile.mkdtemp(prefix="bench-tuned-lens-", dir=interp_home()))
     result = {"steps": args.steps, "contexts_per_step": args.contexts_per_step, "interp_optimizer": optimizer, "interp_lr": lr,
+              "interp_compute_dtype": args.compute_dtype,
               "train_rows": rows["train"], "test_rows": rows["test"], "load_average_start": os.getloadavg()}
 
     # The package: same contexts, same steps; first check its model computes interp's logits.
@@ -143,7 +147,7 @@ def main() -> None:
     # interp, from the store: same rows, same number of steps.
     config = LensTrainConfig(store=store.root, lens="tuned", out=work / "interp", holdout=store.n_rows - rows["train"][1],
                              steps=args.steps, batch_size=args.contexts_per_step * per, optimizer=optimizer, lr=lr,
-                             warmup=max(1, args.steps // 10))
+                             warmup=max(1, args.steps // 10), compute_dtype=args.compute_dtype)
     started, cpu = time.perf_counter(), time.process_time()
     ours_lens = train_tuned_lens(config, model=model)
     result["interp"] = {"train_seconds": ours_lens.meta["train_seconds"], "wall_s": time.perf_counter() - started,
