@@ -66,8 +66,18 @@ def test_queries_and_keys_from_the_source_run_equal_those_recomputed_from_the_pa
     their attention (a later site is asked for), else recomputed by calling the block: same estimates."""
     model, task = saturated
     resid = [Cell(model.site("resid_pre", 1), p) for p in range(task.clean.ids.shape[1])]
-    recomputed = atp_star(model, task, cells=resid).table.metric.to_numpy()
-    read_off = atp_star(model, task, cells=resid + [Cell(model.site("mlp_out", 1), 3)]).table.metric.to_numpy()[:-1]
+    recomputed_for: list[set] = []
+    real = atp._patched_qk
+
+    def spy(model, readers, *args):
+        recomputed_for.append(set(readers))
+        return real(model, readers, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(atp, "_patched_qk", spy)
+        recomputed = atp_star(model, task, cells=resid).table.metric.to_numpy()
+        read_off = atp_star(model, task, cells=resid + [Cell(model.site("mlp_out", 1), 3)]).table.metric.to_numpy()[:-1]
+    assert recomputed_for == [{model.site("resid_pre", 1)}, set()]  # the second call read them off the source run
     plain = attribution_patching(model, task, cells=resid).table.metric.to_numpy()
     assert abs(recomputed - plain).max() > 1e-2  # the fix matters on these cells
     assert read_off == pytest.approx(recomputed, rel=1e-5, abs=1e-6)
