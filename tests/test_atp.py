@@ -38,7 +38,9 @@ def test_qk_fix_equals_patching_the_attention_pattern(saturated):
     qk: dict = {}
     with atp._capture_qk(model, [1], qk):
         acts, grads = gradients_at(model, task, task.corrupt, [resid, pattern], None)
-    [fix] = atp._qk_fix(qk[1], [atp._patched_qk(model, {resid: 1}, acts, source, qk)[resid]], grads[pattern])
+    patched = atp._patched_qk(model, {resid: 1}, acts, source, qk)[resid]
+    fix = atp._qk_fix(atp._reader_state(model, qk, grads, [1]), patched["q"][None], patched["k"][None])
+    fix = {key: value[0] for key, value in fix.items()}
 
     def through_pattern(positions):
         with torch.no_grad(), model.intervene(interp.Replace(resid, source[resid], positions=positions)):
@@ -50,6 +52,31 @@ def test_qk_fix_equals_patching_the_attention_pattern(saturated):
     assert float(fix["all"]) == pytest.approx(through_pattern(None), rel=1e-4, abs=1e-6)
     # Saturation makes the linear estimate through queries and keys wrong by a lot somewhere.
     assert float((fix["linear each"] - expected).abs().max()) > 0.5 * float(expected.abs().max())
+
+
+def test_patched_queries_and_keys_of_several_sites_at_once_equal_a_real_patched_forward():
+    """_patched_qk stacks a layer's sites along the batch (masks and positions repeated): each site's
+    queries and keys must equal those of a real forward whose layer-1 residual carries that site's
+    change alone (AtP*'s definition; later components stay linear), on padded prompts."""
+    model = tiny_model("llama", n_layers=2)
+    base = model.tokenize(["The cat sat on the mat today", "A dog ran"])
+    source_tokens = model.tokenize(["The cow sat in the hat today", "A cow ran"])
+    assert base.mask is not None and not bool(base.mask.all())  # padded: the mask must be repeated too
+    sites = [model.site("attn_out", 0), model.site("mlp_out", 0), model.site("resid_mid", 0)]
+    qk: dict = {}
+    with torch.no_grad():
+        source = model.run_with_cache(source_tokens, sites)
+        with atp._capture_qk(model, [1], qk):
+            acts = model.run_with_cache(base, sites + [model.site("resid_pre", 1), model.site("pattern", 1)])
+    patched = atp._patched_qk(model, dict.fromkeys(sites, 1), acts, source, qk)
+    for site in sites:
+        real: dict = {}
+        changed = acts[model.site("resid_pre", 1)] + source[site] - acts[site]
+        with torch.no_grad(), atp._capture_qk(model, [1], real), model.intervene(interp.Replace(model.site("resid_pre", 1), changed)):
+            model(base)
+        torch.testing.assert_close(patched[site]["q"], real[1]["q"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(patched[site]["k"], real[1]["k"], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(patched[sites[0]]["q"], patched[sites[1]]["q"])  # the sites' changes differ
 
 
 def test_atp_star_is_closer_to_activation_patching_where_softmax_saturates(saturated):
