@@ -38,9 +38,7 @@ def test_qk_fix_equals_patching_the_attention_pattern(saturated):
     qk: dict = {}
     with atp._capture_qk(model, [1], qk):
         acts, grads = gradients_at(model, task, task.corrupt, [resid, pattern], None)
-    patched = atp._patched_qk(model, {resid: 1}, acts, source, qk)[resid]
-    fix = atp._qk_fix(atp._reader_state(model, qk, grads, [1]), patched["q"][None], patched["k"][None])
-    fix = {key: value[0] for key, value in fix.items()}
+    [fix] = atp._qk_fix(qk[1], [atp._patched_qk(model, {resid: 1}, acts, source, qk)[resid]], grads[pattern])
 
     def through_pattern(positions):
         with torch.no_grad(), model.intervene(interp.Replace(resid, source[resid], positions=positions)):

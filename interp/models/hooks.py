@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -192,17 +191,6 @@ def _register_pattern_attention(original: str) -> str:
     return name
 
 
-@dataclass(frozen=True)
-class ScoreTransform:
-    """Dot products q.k to attention scores before the mask: scaled, then soft-capped where the model does (Gemma 2)."""
-
-    scale: float
-    softcap: float | None = None
-
-    def __call__(self, dots: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(dots * self.scale / self.softcap) * self.softcap if self.softcap else dots * self.scale
-
-
 def pattern_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -237,7 +225,7 @@ def pattern_attention(
     else:
         scores = scores + attention_mask[..., : keys.shape[-2]]
     for tap in list(_score_taps.get(module, {}).values()):
-        tap(query, keys, scores, ScoreTransform(scale, softcap or None))
+        tap(query, keys, scores, lambda dots: torch.tanh(dots * scale / softcap) * softcap if softcap else dots * scale)
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     hooks = list(_pattern_hooks.get(module, {}).values())
     frozen = any(fn is _freeze_pattern for fn in hooks)

@@ -17,8 +17,8 @@ pattern stays linear. A cell at one position changes one query row (all its keys
 column (every later query) of each head; both are computed in closed form from the base scores,
 so the fix costs one call of each reading block up to its scores, with the components it reads
 stacked along the batch (none for ``resid_pre``, whose patched residual is the source run's own: its
-queries and keys are read off that run), plus O(heads x positions^2) arithmetic per cell, done for
-every layer at once. Cells of other kinds (heads' ``z``, MLP hidden, norms) get the attribution estimate.
+queries and keys are read off that run), plus O(heads x positions^2) arithmetic per cell.
+Cells of other kinds (heads' ``z``, MLP hidden, norms) get the attribution estimate.
 
 GradDrop (``grad_drop=True``) is the paper's second fix, against cancellation: one more backward
 pass per layer, each with the gradient through that layer's attention and MLP outputs set to zero;
@@ -39,7 +39,13 @@ import torch
 import interp
 from interp.errors import InputError
 from interp.models.hooks import StopForward, replace_hidden_input, tap_scores
-from interp.patching.activation import DEFAULT_KINDS, Cell, cell_region, cell_table, plan
+from interp.patching.activation import (
+    DEFAULT_KINDS,
+    Cell,
+    cell_region,
+    cell_table,
+    plan,
+)
 from interp.patching.attribution import gradients_at
 from interp.patching.result import PatchingResult
 from interp.patching.rules import Rules
@@ -100,21 +106,20 @@ def atp_star(
     # (run_with_cache may stop before a reading layer's attention when no later site is asked for)
     patched = {s: src_qk[readers[s]] for s in direct if "q" in src_qk.get(readers[s], {})}
     patched.update(_patched_qk(model, {s: layer for s, layer in readers.items() if s not in patched}, acts, src, qk))
-    entries = list(readers)  # every site whose change an attention layer reads, with that layer
-    every_position = any(cell.position is None for cell in cells if cell.site in readers)
-    if entries:
-        new_q = torch.stack([patched[site]["q"] for site in entries])  # [entries, n, h, p, d]
-        new_k = torch.stack([patched[site]["k"] for site in entries])
+    by_layer: dict[int, list[str]] = defaultdict(list)
+    for site, layer in readers.items():
+        by_layer[layer].append(site)
+    whole = {cell.site for cell in cells if cell.position is None}  # sites with an all-positions cell
 
     estimates = torch.zeros(len(drops), len(cells), dtype=torch.float64)
     for run, (acts_d, grads, qk_d) in enumerate(runs):
         fixes = {}  # site -> (exact minus linear effect through queries and keys: per position, all positions)
-        for chunk in _chunks(len(entries), new_q) if entries else []:
-            fix = _qk_fix(_reader_state(model, qk_d, grads, [readers[entries[e]] for e in chunk]),
-                          new_q[chunk], new_k[chunk], every_position)
-            each = (fix["each"] - fix["linear each"]).tolist()
-            everywhere = (fix["all"] - fix["linear all"]).tolist() if every_position else [None] * len(chunk)
-            fixes.update({entries[e]: (each[i], everywhere[i]) for i, e in enumerate(chunk)})
+        for layer, layer_sites in by_layer.items():
+            for site, fix in zip(layer_sites, _qk_fix(qk_d[layer], [patched[s] for s in layer_sites],
+                                                      grads[model.site("pattern", layer)],
+                                                      every_position=bool(whole & set(layer_sites))), strict=True):
+                fixes[site] = ((fix["each"] - fix["linear each"]).tolist(),
+                               float(fix["all"] - fix["linear all"]) if "all" in fix else None)
         contributions = {site: (src[site] - acts_d[site]) * grads[site] for site in sites}
         for i, cell in enumerate(cells):
             value = float(contributions[cell.site][cell_region(cell, model.site_table.info(cell.site))].sum())
@@ -239,86 +244,72 @@ def _repeat_batch(args: tuple, kwargs: dict, n: int, times: int) -> tuple[tuple,
     return tuple(repeat(a) for a in args), {key: repeat(v) for key, v in kwargs.items()}
 
 
-def _chunks(count: int, new_q: torch.Tensor, budget: int = 1 << 22) -> list[list[int]]:
-    """Entries in groups whose [entries, n, h, p, p] score tensors stay under ``budget`` elements each."""
-    n, h, p = new_q.shape[1:4]
-    size = max(1, budget // (n * h * p * p))
-    return [list(range(i, min(i + size, count))) for i in range(0, count, size)]
+def _exp_rows(scores: torch.Tensor, blocked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(scores - row max) with blocked entries exactly 0, and the row max. A blocked score is never
+    exponentiated: exp of a huge negative number takes a slow path on CPUs (10-30x here)."""
+    top = scores.amax(-1, keepdim=True)
+    return (scores - top).masked_fill_(blocked, 0.0).exp_().masked_fill_(blocked, 0.0), top
 
 
-def _reader_state(model: Model, qk: dict[int, dict[str, Any]], grads: dict[str, torch.Tensor],
-                  layers: list[int]) -> dict[str, torch.Tensor]:
-    """Per entry (``layers[e]``: the attention layer that reads it), that layer's base queries and keys with
-    their gradients, scores, the gradient of the metric at its pattern, and its score transform's
-    scale and soft cap (0: none), stacked in front; at the model's precision, at least float32."""
-    # (float64 instead changed no estimate of the embedded IOI sweep by more than 5e-7, at 1.4x the time)
-    first = qk[layers[0]]
-    dtype = torch.promote_types(first["q"].dtype, torch.float32)
-    unique = sorted(set(layers))
-    index = torch.tensor([unique.index(layer) for layer in layers])
-
-    def stacked(get) -> torch.Tensor:
-        return torch.stack([get(layer) for layer in unique]).to(dtype)[index]
-
-    def grad(layer: int, name: str) -> torch.Tensor:
-        tensor = qk[layer][name]
-        return tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
-
-    shape = (len(layers), 1, 1, 1, 1)
-    return {"q": stacked(lambda layer: qk[layer]["q"].detach()), "k": stacked(lambda layer: qk[layer]["k"].detach()),
-            "dq": stacked(lambda layer: grad(layer, "q")), "dk": stacked(lambda layer: grad(layer, "k")),
-            "scores": stacked(lambda layer: qk[layer]["scores"]),
-            "grad pattern": stacked(lambda layer: grads[model.site("pattern", layer)]),
-            "scale": torch.tensor([qk[layer]["transform"].scale for layer in layers], dtype=dtype).view(shape),
-            "softcap": torch.tensor([qk[layer]["transform"].softcap or 0.0 for layer in layers], dtype=dtype).view(shape)}
+def _softmax(scores: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+    e, _ = _exp_rows(scores, blocked)
+    return e.div_(e.sum(-1, keepdim=True))
 
 
-def _qk_fix(base: dict[str, torch.Tensor], q2: torch.Tensor, k2: torch.Tensor,
-            every_position: bool = True) -> dict[str, torch.Tensor]:
-    """For each entry's changed queries and keys ``q2``, ``k2`` [entries, n, h, p, d] (``base`` from
-    ``_reader_state``): its effect on the metric, summed over prompts and heads, through the exact
-    change of the pattern ("each": [entries, positions], for a change at one position; "all":
-    [entries], for a change at every position), and as attribution patching estimates it ("linear
-    each", "linear all"; the "all" pair only with ``every_position``)."""
-    q, k, dq, dk, scores, g = (base[name] for name in ("q", "k", "dq", "dk", "scores", "grad pattern"))
-    scale, softcap = base["scale"], base["softcap"]
-    q2, k2 = q2.to(q.dtype), k2.to(q.dtype)
-    blocked = scores <= torch.finfo(scores.dtype).min / 2
-    pattern = torch.softmax(scores, dim=-1)
-
-    def transform(dots: torch.Tensor) -> torch.Tensor:
-        if not bool((softcap > 0).any()):
-            return dots * scale
-        capped = torch.tanh(dots * scale / softcap.clamp_min(1e-30)) * softcap
-        return torch.where(softcap > 0, capped, dots * scale)
-
-    def rescored(dots_new: torch.Tensor, dots_old: torch.Tensor) -> torch.Tensor:
-        return torch.where(blocked, scores, scores + transform(dots_new) - transform(dots_old))
-
+def _qk_fix(base: dict[str, Any], new: list[dict[str, torch.Tensor]], grad_pattern: torch.Tensor,
+            every_position: bool = True) -> list[dict[str, torch.Tensor]]:
+    """For each of ``new``'s changed queries and keys of one layer: its effect on the metric, summed over
+    prompts and heads, through the exact change of the pattern ("each": [positions], for a change at
+    one position; "all": for a change at every position), and as attribution patching estimates it
+    ("linear each", "linear all"; "all" only with ``every_position``). All changes of a layer are
+    computed together, stacked in front."""
+    # The model's own precision, at least float32 (float64 instead changed no estimate of the embedded IOI
+    # sweep by more than 5e-7, at 1.4x the time).
+    dtype = torch.promote_types(base["q"].dtype, torch.float32)
+    q, k = base["q"].detach().to(dtype), base["k"].detach().to(dtype)
+    dq = base["q"].grad.to(dtype) if base["q"].grad is not None else torch.zeros_like(q)
+    dk = base["k"].grad.to(dtype) if base["k"].grad is not None else torch.zeros_like(k)
+    q2, k2 = torch.stack([n["q"] for n in new]).to(dtype), torch.stack([n["k"] for n in new]).to(dtype)  # [sites, n, h, p, d]
+    transform = base["transform"]
+    scores = base["scores"].to(dtype)
+    blocked = base["scores"] <= torch.finfo(base["scores"].dtype).min / 2
+    blocked &= ~blocked.all(-1, keepdim=True)  # a row with every key blocked stays uniform, as in the model
+    e, row_max = _exp_rows(scores, blocked)
+    total = e.sum(-1, keepdim=True)
+    pattern = e / total
+    g = grad_pattern.to(dtype)
     dots = q @ k.transpose(-1, -2)
-    linear_each = ((q2 - q) * dq).sum(-1) + ((k2 - k) * dk).sum(-1)  # [entries, n, h, positions]
+    transformed = transform(dots)
+
+    def rescored(dots_new: torch.Tensor) -> torch.Tensor:
+        return torch.where(blocked, scores, scores + transform(dots_new) - transformed)
+
+    linear_each = ((q2 - q) * dq).sum(-1) + ((k2 - k) * dk).sum(-1)  # [sites, n, h, positions]
 
     # The query at p changes row p (with the key at p changed too, on the diagonal).
     row_dots = q2 @ k.transpose(-1, -2)
-    diagonal = (q2 * k2).sum(-1)
-    row_dots = row_dots - torch.diag_embed(row_dots.diagonal(dim1=-2, dim2=-1)) + torch.diag_embed(diagonal)
-    row = (g * (torch.softmax(rescored(row_dots, dots), dim=-1) - pattern)).sum(-1)  # [entries, n, h, p]
+    row_dots.diagonal(dim1=-2, dim2=-1).copy_((q2 * k2).sum(-1))
+    row = (g * (_softmax(rescored(row_dots), blocked) - pattern)).sum(-1)  # [sites, n, h, p]
 
     # The key at p changes column p of every other row t: closed form from row t's log-partition.
-    new_column = rescored(q @ k2.transpose(-1, -2), dots)  # [entries, n, h, t, p]: row t's score for key p when k_p changes
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    # [sites, n, h, t, p]: row t's score for key p when k_p changes (a blocked key stays blocked: zeroed below)
+    new_column = rescored(q @ k2.transpose(-1, -2)).masked_fill_(blocked, 0.0)
+    lse = row_max + total.log()
     top = scores.argmax(-1, keepdim=True)
-    without_top = torch.logsumexp(scores.scatter(-1, top, float("-inf")), dim=-1, keepdim=True)
+    without_top = row_max + e.scatter(-1, top, 0.0).sum(-1, keepdim=True).log()
     lse_without = lse + torch.log1p(-pattern.clamp(max=0.5))  # log sum_{j != p} exp(s_tj); exact where p is not the top key
     lse_without = lse_without.scatter(-1, top, without_top)
     lse_new = torch.logaddexp(lse_without, new_column)
     shrink = torch.expm1(lse - lse_new)  # factor by which every other entry of row t changes, minus one
-    weighted = (g * pattern).sum(-1, keepdim=True)
-    column = shrink * (weighted - g * pattern) + g * (torch.exp(new_column - lse_new) - pattern)
-    column = column - torch.diag_embed(column.diagonal(dim1=-2, dim2=-1))  # row p is counted in ``row``
-    linear = linear_each.sum((1, 2))
-    fix = {"each": (row + column.sum(-2)).sum((1, 2)), "linear each": linear}
+    weighted = g * pattern
+    column = shrink * (weighted.sum(-1, keepdim=True) - weighted) + g * ((new_column - lse_new).exp_() - pattern)
+    column.masked_fill_(blocked, 0.0)
+    column.diagonal(dim1=-2, dim2=-1).zero_()  # row p is counted in ``row``
+    each, linear = (row + column.sum(-2)).sum((1, 2)), linear_each.sum((1, 2))
+    fixes = [{"each": each[i], "linear each": linear[i], "linear all": linear[i].sum()} for i in range(len(new))]
     if every_position:
-        changed = torch.softmax(rescored(q2 @ k2.transpose(-1, -2), dots), dim=-1)
-        fix["all"], fix["linear all"] = (g * (changed - pattern)).flatten(1).sum(1), linear.sum(1)
-    return fix
+        changed = _softmax(rescored(q2 @ k2.transpose(-1, -2)), blocked)
+        everything = (g * (changed - pattern)).flatten(1).sum(1)
+        for fix, value in zip(fixes, everything, strict=True):
+            fix["all"] = value
+    return fixes
