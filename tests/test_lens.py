@@ -220,6 +220,21 @@ def test_tuned_lens_lowers_held_out_kl_and_resumes_exactly(model, store, tmp_pat
         train_tuned_lens(tuned_config(store, tmp_path / "a"), model=model, progress=False)
 
 
+def test_bfloat16_training_follows_float32_training(model, store, tmp_path):
+    """The default on CPUs with native bfloat16 (``compute_dtype="auto"``) runs the unembedding matmuls in bfloat16:
+    the lens it trains must be the float32 one up to bfloat16 rounding, and both must move off the identity."""
+    full = train_tuned_lens(tuned_config(store, tmp_path / "f32"), model=model, progress=False)
+    half = train_tuned_lens(tuned_config(store, tmp_path / "bf16", compute_dtype="bfloat16"), model=model, progress=False)
+    moved = (full.weight - torch.eye(full.weight.shape[-1])).abs().max()
+    assert moved > 1e-3
+    assert (half.weight - full.weight).abs().max() < 0.1 * moved
+    assert (half.bias - full.bias).abs().max() < 0.1 * full.bias.abs().max()
+    held = (store.n_rows - 31 * 8, store.n_rows)
+    table = evaluate_lenses(model, store, {"f32": full, "bf16": half}, full.sites, held, progress=False)
+    kl = table.groupby("lens")["kl"].mean()
+    assert kl["bf16"] == pytest.approx(kl["f32"], rel=0.05), kl
+
+
 def test_bad_input_is_refused_with_clear_errors(model, store, tmp_path):
     with pytest.raises(InputError, match="out of range.*0..2"):
         logit_lens(model, "abc", layers=[3])

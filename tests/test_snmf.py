@@ -65,6 +65,24 @@ def test_nonnegative_y_and_exact_sparsity(tmp_path):
         assert result.info["neurons_per_feature"] == 3
 
 
+def test_multiplicative_update_follows_the_float64_formula_where_float32_would_cancel():
+    """Y <- Y * sqrt((P+ + Y Q-) / (P- + Y Q+)) (Ding, Li and Jordan), computed plainly in float64. The rows with a
+    large positive P and a tiny Y make (Y Q+ + P+) - P cancel to 0 in float32: the update must still follow the formula."""
+    g = torch.Generator().manual_seed(0)
+    Y = torch.rand(64, 6, generator=g) + 0.05
+    Y[:8] = 1e-6  # tiny coefficients
+    Z = torch.randn(40, 6, generator=g)
+    P, Q = torch.randn(64, 6, generator=g), Z.T @ Z
+    P[:8] = 1e4  # P+ dwarfs Y Q+
+    Yd, Pd, Qd = Y.double(), P.double(), Q.double()
+    expected = Yd * ((Pd.clamp(min=0) + Yd @ (-Qd).clamp(min=0)) / ((-Pd).clamp(min=0) + Yd @ Qd.clamp(min=0))).sqrt()
+    got = core.multiplicative_update(Y.clone(), P, Q.clone()).double()
+    torch.testing.assert_close(got[8:], expected[8:], rtol=1e-4, atol=1e-8)
+    assert torch.isfinite(got).all() and (got >= 0).all()
+    # where the denominator is only Y Q+ (~1e-6) the ratio is huge but finite: no factor beyond what float64 gives
+    assert float((got[:8] / expected[:8]).max()) < 1.01
+
+
 def test_winner_take_all_keeps_exactly_the_largest():
     Z = torch.tensor([[3.0, -1.0], [-4.0, 2.0], [1.0, 2.0], [0.5, -5.0]])
     kept = core.winner_take_all(Z, 2)
