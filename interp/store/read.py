@@ -42,7 +42,10 @@ class ActivationStore:
             self.manifest = fmt.read_manifest(self.root)
         except ValueError as err:
             raise StoreError(f"{self.root / fmt.MANIFEST} cannot be read: {err}") from err
-        self.shards = self.manifest["shards"]
+        recorded = self.manifest["shards"]
+        # A distributed harvest records shards out of order: the visible rows are those of shards
+        # 0, 1, 2, ... up to the first gap, so a row's index never changes as the store fills.
+        self.shards = recorded[: next((j for j, s in enumerate(recorded) if s["index"] != j), len(recorded))]
         self.dtype: str = self.manifest["dtype"]
         self.sites: list[str] = list(self.manifest["sites"])
         counts = np.array([s["rows"] for s in self.shards], dtype=np.int64)
