@@ -189,8 +189,11 @@ def harvest_cmd(config: HarvestConfig) -> None:
     """Run the model over a corpus and write the activations of the given sites to a store (resumable)."""
     from interp.store import harvest
 
+    from interp.distributed import ranks
+
     store = harvest(config)
-    typer.echo(store.info())
+    if ranks(config.device).is_main:  # under torchrun: one report, from rank 0
+        typer.echo(store.info())
 
 
 @dataclass
@@ -227,7 +230,11 @@ def _train_and_report(config: TrainConfig) -> None:
     from interp.dictionary.metrics import metrics_table
     from interp.dictionary.train import train
 
+    from interp.distributed import ranks
+
     results = train(config)
+    if not ranks(config.device).is_main:  # under torchrun: one report, from rank 0
+        return
     typer.echo("\n" + metrics_table(results))
     typer.echo(f"\nwrote {config.out}/metrics.json and one folder per dictionary (with a SAELens export in saelens/)")
 

@@ -156,7 +156,8 @@ def ranks(device: str = "cpu") -> Ranks:
         if not torch.cuda.is_available():
             raise errors.InputError(f"device {device!r} but no CUDA device is visible to rank {rank}")
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+    # With CUDA, CUDA tensors go through NCCL and CPU tensors (objects, CPU-side statistics) through gloo.
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=TIMEOUT)
     _initialised = Ranks(rank, world, local)
     return _initialised
 

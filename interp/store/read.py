@@ -18,6 +18,7 @@ import warnings
 import numpy as np
 import torch
 
+from interp import distributed
 from interp.errors import InputError, StoreError
 from interp.store import format as fmt
 from interp.store.shuffle import RowPermutation
@@ -181,11 +182,17 @@ class ActivationStore:
         rank: int = 0,
         world_size: int = 1,
         rows: tuple[int, int] | None = None,
+        split: str = "batches",
     ) -> Batches:
         """An iterator of batches (a tensor for one site, a dict aligned by row for several).
 
         ``rows=(start, stop)`` restricts it to a range of store rows (e.g. all but a held-out tail).
+        With ``world_size > 1``, ``split="batches"`` gives each rank every ``world_size``-th batch;
+        ``split="rows"`` gives every rank every batch, cut into ``world_size`` disjoint parts of its
+        (sorted) rows, rank r reading part r: a data-parallel step over one global batch.
         """
+        if split not in ("batches", "rows"):
+            raise InputError(f"split={split!r}: choose batches or rows")
         names = [sites] if isinstance(sites, str) else list(sites)
         for name in names:
             self.check_site(name)
@@ -195,7 +202,7 @@ class ActivationStore:
         if not 0 <= start < stop <= self.n_rows:
             raise InputError(f"rows={rows}: the store has rows 0..{self.n_rows}")
         return Batches(self, names, batch_size, shuffle=shuffle, seed=seed, dtype=dtype, drop_last=drop_last,
-                       single=isinstance(sites, str), rank=rank, world_size=world_size, start=start, stop=stop)
+                       single=isinstance(sites, str), rank=rank, world_size=world_size, start=start, stop=stop, split=split)
 
     def verify(self) -> list[str]:
         """Recompute every file's size and sha256; a list of problems (empty when intact)."""
@@ -247,17 +254,20 @@ class Batches:
     one batch's positions at a time, so starting an epoch costs no memory or time whatever the
     number of rows); each batch is read in sorted row order (fast memory-map access) and
     returned in that order, the same on every run. With ``world_size > 1`` each rank gets every
-    ``world_size``-th batch.
+    ``world_size``-th batch (``split="batches"``) or its part of every batch (``split="rows"``).
     """
 
     def __init__(self, store: ActivationStore, sites: list[str], batch_size: int, *, shuffle: bool, seed: int,
-                 dtype: torch.dtype | None, drop_last: bool, single: bool, rank: int, world_size: int, start: int, stop: int):
+                 dtype: torch.dtype | None, drop_last: bool, single: bool, rank: int, world_size: int, start: int, stop: int,
+                 split: str = "batches"):
         if batch_size < 1:
             raise InputError(f"batch_size must be positive, got {batch_size}")
         self.store, self.sites, self.batch_size = store, sites, batch_size
         self.start, self.n_rows = start, stop - start
         self.shuffle, self.seed, self.dtype, self.drop_last, self.single = shuffle, seed, dtype, drop_last, single
-        self.rank, self.world_size = rank, world_size
+        if not 0 <= rank < world_size:
+            raise InputError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.rank, self.world_size, self.split = rank, world_size, split
         self.epoch, self.batch = 0, 0
         self._order: RowPermutation | None = None
         self._order_epoch = -1
@@ -266,9 +276,13 @@ class Batches:
         n = self.n_rows
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def _mine(self) -> range:
+        """The batch numbers this rank reads in an epoch."""
+        return range(self._total()) if self.split == "rows" else range(self.rank, self._total(), self.world_size)
+
     def __len__(self) -> int:
         """Batches per epoch (for this rank)."""
-        return len(range(self.rank, self._total(), self.world_size))
+        return len(self._mine())
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "shuffle": self.shuffle, "batch_size": self.batch_size}
@@ -285,12 +299,17 @@ class Batches:
         return self._order
 
     def rows_of(self, index: int) -> np.ndarray | slice:
-        """The global store rows of batch ``index`` of the current epoch (sorted)."""
+        """The global store rows of batch ``index`` of the current epoch that this rank reads (sorted)."""
         start = index * self.batch_size
         stop = min(start + self.batch_size, self.n_rows)
         if self.shuffle:
-            return np.sort(self._epoch_order()[start:stop]) + self.start
-        return slice(self.start + start, self.start + stop)
+            rows = np.sort(self._epoch_order()[start:stop]) + self.start
+        else:
+            rows = slice(self.start + start, self.start + stop)
+        if self.split == "rows" and self.world_size > 1:
+            lo, hi = distributed.shares(stop - start, self.world_size)[self.rank]
+            rows = rows[lo:hi] if isinstance(rows, np.ndarray) else slice(rows.start + lo, rows.start + hi)
+        return rows
 
     def read_batch(self, index: int) -> torch.Tensor | dict[str, torch.Tensor]:
         """Batch ``index`` of the current epoch."""
@@ -300,7 +319,7 @@ class Batches:
 
     def __iter__(self) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
         """Yield the rest of the current epoch, then move to the next epoch."""
-        mine = range(self.rank, self._total(), self.world_size)
+        mine = self._mine()
         while self.batch < len(mine):
             batch = self.read_batch(mine[self.batch])
             self.batch += 1
