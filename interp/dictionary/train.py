@@ -11,6 +11,8 @@
 4. evaluates every dictionary (``metrics.py``), prints the table and writes ``metrics.json``, the
    dictionaries (own format) and their SAELens exports.
 
+Under ``torchrun`` the same call runs data-parallel or dictionary-parallel (``parallel.py``).
+
 A batch with a NaN/inf activation stops training with the store row that holds it; the last
 checkpoint stays as it was.
 """
@@ -29,10 +31,11 @@ import torch
 from tqdm.auto import tqdm
 
 import interp_kernels as K
-from interp.config import config_dict, opt, parse_count
 from interp import distributed
+from interp.config import config_dict, opt, parse_count
 from interp.dictionary import checkpoint, io
 from interp.dictionary.metrics import metrics_table, reconstruction_metrics, splice_metrics
+from interp.dictionary.parallel import BatchReduce, merge_histories, parallel_mode
 from interp.dictionary.sae import DictionaryConfig, SparseDictionary, jumprelu_l0
 from interp.dictionary.schedule import resolve_schedule
 from interp.errors import InputError, TrainingError
@@ -463,49 +466,6 @@ def dictionary_loss(d: SparseDictionary, x: torch.Tensor, y: torch.Tensor, dead:
     parts["loss"] = loss.detach()
     info = reduce.sum_stats(parts)
     return loss, info, reduce.ranks.all_reduce(code.fire_counts(c.n_latents))
-
-
-class BatchReduce:
-    """Whole-batch quantities of a data-parallel step (one process: this batch's own)."""
-
-    def __init__(self, ranks: distributed.Ranks):
-        self.ranks = ranks
-        self.rows = 0.0
-
-    def totals(self, target: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """(rows, total variance sum ||t - mean||^2) of the global batch; ``rows`` is kept for the step.
-        (In one process these are bit for bit ``len(target)`` and ``(target - target.mean(0)).pow(2).sum()``.)"""
-        target = target.detach()
-        sums = self.ranks.all_reduce(torch.cat([target.sum(0), target.new_tensor([target.shape[0]])]))
-        self.rows = float(sums[-1])
-        total_var = self.ranks.all_reduce((target - sums[:-1] / sums[-1]).pow(2).sum())
-        return self.rows, total_var
-
-    def sum_stats(self, parts: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Per-rank shares of the batch's statistics, summed over the ranks, as floats."""
-        summed = self.ranks.all_reduce(torch.stack([v.double() for v in parts.values()]))
-        return dict(zip(parts, summed.tolist()))
-
-
-def parallel_mode(choice: str, n_dictionaries: int, world_size: int) -> str:
-    """``data`` or ``dictionaries`` (see ``TrainConfig.parallel``)."""
-    if choice not in ("auto", "data", "dictionaries"):
-        raise InputError(f"parallel={choice!r}: choose auto, data or dictionaries")
-    if choice == "dictionaries" and n_dictionaries < world_size:
-        raise InputError(f"--parallel dictionaries gives each of the {world_size} ranks its own dictionaries, but the run "
-                         f"trains {n_dictionaries}; use --parallel data, more values of --k, or fewer ranks")
-    if choice == "auto":
-        return "dictionaries" if world_size > 1 and n_dictionaries % world_size == 0 else "data"
-    return choice
-
-
-def merge_histories(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One history from the ranks' (each rank logs its own dictionaries at the same steps)."""
-    merged: dict[int, dict[str, Any]] = {}
-    for part in parts:
-        for entry in part:
-            merged.setdefault(entry["step"], {}).update(entry)
-    return [merged[step] for step in sorted(merged)]
 
 
 def dictionary_metrics(d: SparseDictionary, store: ActivationStore, rows: tuple[int, int], model: Any,
