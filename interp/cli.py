@@ -198,7 +198,7 @@ def harvest_cmd(config: HarvestConfig) -> None:
 
 @dataclass
 class StorePathConfig:
-    store: Path = opt(help="store directory", argument=True)
+    store: str = opt(help="store directory or fsspec URL (e.g. s3://bucket/store)", argument=True)
 
 
 @command(StorePathConfig, "info", store_app)

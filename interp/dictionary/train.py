@@ -55,7 +55,8 @@ class TrainConfig:
     latents: int = opt(8192, "dictionary size")
     tokens: int = opt(2_000_000, "training tokens (e.g. 500k, 2M)", parse=parse_count)
     corpus: str = opt("shakespeare", "corpus to harvest from when the store does not exist yet")
-    store: Path | None = opt(None, "activation store (default: one per model/corpus/sites under the cache dir)")
+    store: str | None = opt(None, "activation store: a folder, or an fsspec URL to read (default: one per "
+                                  "model/corpus/sites under the cache dir)")
     out: Path = opt(Path("runs/sae"), "output folder")
     batch_size: int = opt(0, "tokens per step; 0 = chosen from --tokens (the short-budget rule, see the README)")
     lr: float = opt(0.0, "Adam learning rate; 0 = chosen from --tokens and --latents (the short-budget rule)")
@@ -88,7 +89,7 @@ class TrainConfig:
         self.auxk_dead_tokens = parse_count(self.auxk_dead_tokens)
         self.dead_window = parse_count(self.dead_window)
         self.out = Path(self.out)
-        self.store = Path(self.store) if self.store else None
+        self.store = str(self.store) if self.store else None
 
     def ks(self) -> list[int]:
         try:
@@ -182,7 +183,7 @@ class Trainer:
             for site in self.sites:
                 store.check_site(site)
             return store
-        path = c.store or default_store(c, self.sites, self.model.cfg.name)
+        path = Path(c.store) if c.store else default_store(c, self.sites, self.model.cfg.name)
         if self.ranks.on_main(lambda: not (path / "manifest.json").exists() or not ActivationStore(path).complete):
             harvest(HarvestConfig(out=path, model=c.model, sites=",".join(self.sites), corpus=c.corpus,
                                   tokens=c.tokens + c.eval_tokens, context_len=c.context_len, device=c.device),
@@ -391,7 +392,7 @@ class Trainer:
             metrics = {"tokens": self.step * self.batch_size, "train_seconds": self.train_seconds,
                        "dead_fraction": self.dead_fraction(name), **dictionary_metrics(d, self.store, held_out, self.model, contexts)}
             folder = c.out / name
-            io.save_dictionary(d, folder, metrics=metrics, store=str(self.store.root), held_out_rows=list(held_out),
+            io.save_dictionary(d, folder, metrics=metrics, store=self.store.location, held_out_rows=list(held_out),
                                training={"steps": self.step, **self.schedule.as_dict()})
             if not (c.architecture == "topk" and d.config.is_transcoder):
                 io.export_saelens(d, folder / "saelens")
@@ -578,7 +579,7 @@ RUN_LOCK = "run.lock"
 @dataclass
 class EvalConfig:
     dictionary: Path = opt(help="a trained dictionary folder (e.g. runs/sae/sae-topk-k32-8192)", argument=True)
-    store: Path | None = opt(None, "store to evaluate on (default: the training store, its held-out rows)")
+    store: str | None = opt(None, "store to evaluate on, a folder or an fsspec URL (default: the training store, its held-out rows)")
     eval_contexts: int = opt(32, "held-out contexts for the spliced-CE metrics (0 to skip)")
 
 

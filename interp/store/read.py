@@ -21,11 +21,15 @@ import torch
 from interp import distributed
 from interp.errors import InputError, StoreError
 from interp.store import format as fmt
+from interp.store import remote
 from interp.store.shuffle import RowPermutation
 
 
 class ActivationStore:
     """A store directory opened for reading (only shards recorded in the manifest are visible).
+
+    ``root`` is a local folder or an fsspec URL (``s3://bucket/store``, ``file:///data/store``, ...):
+    local folders are memory-mapped, other filesystems read by byte ranges (``remote.py``).
 
     Shards are memory-mapped. With ``keep_pages=True`` (the default) the pages read stay mapped,
     which is fastest when the same rows are read again, but the process's resident size grows
@@ -35,14 +39,18 @@ class ActivationStore:
     """
 
     def __init__(self, root: str | Path, *, keep_pages: bool = True):
-        self.root = Path(root)
+        self.fs, self.root = remote.locate(root)  # fs: None for a local folder, else an fsspec filesystem
+        self.location = str(root) if self.fs is not None else str(self.root)  # what to open it again with
         self.keep_pages = keep_pages
-        if not (self.root / fmt.MANIFEST).is_file():
+        if self.fs is not None:
+            self.manifest = remote.read_manifest(self.fs, self.root)
+        elif not (self.root / fmt.MANIFEST).is_file():
             raise StoreError(f"{self.root} is not an activation store (no {fmt.MANIFEST})")
-        try:
-            self.manifest = fmt.read_manifest(self.root)
-        except ValueError as err:
-            raise StoreError(f"{self.root / fmt.MANIFEST} cannot be read: {err}") from err
+        else:
+            try:
+                self.manifest = fmt.read_manifest(self.root)
+            except ValueError as err:
+                raise StoreError(f"{self.root / fmt.MANIFEST} cannot be read: {err}") from err
         recorded = self.manifest["shards"]
         # A distributed harvest records shards out of order: the visible rows are those of shards
         # 0, 1, 2, ... up to the first gap, so a row's index never changes as the store fills.
@@ -95,25 +103,39 @@ class ActivationStore:
         )
 
     # ------------------------------------------------------------- raw rows
-    def _array(self, shard: int, name: str) -> torch.Tensor:
-        """A shard file as a tensor over its memory map (torch copies/gathers are multi-threaded)."""
+    def _array(self, shard: int, name: str) -> torch.Tensor | remote.RangedArray:
+        """A shard file as a tensor over its memory map (torch copies/gathers are multi-threaded),
+        or, on a remote filesystem, as a ``RangedArray``."""
         key = (shard, name)
         if key not in self._maps:
             record = self.shards[shard]
             filename = "rows.npy" if name == "rows" else fmt.site_file(name)
             path = fmt.shard_dir(self.root, record["index"]) / filename
             expected = record["files"][filename]["bytes"]
-            if not path.is_file() or path.stat().st_size != expected:
-                got = path.stat().st_size if path.is_file() else "missing"
+            size = self._size(path)
+            if size != expected:
+                got = "missing" if size is None else size
                 raise StoreError(
                     f"shard {record['index']} of {self.root} is damaged: {filename} has {got} bytes, expected "
                     f"{expected}; run `interp store verify {self.root}`"
                 )
+            if self.fs is not None:
+                self._maps[key] = remote.RangedArray(self.fs, path, "int32" if name == "rows" else self.dtype)
+                return self._maps[key]
             array, self._mmaps[key] = _map_npy(path)
             with warnings.catch_warnings():  # read-only map: we never write through it
                 warnings.simplefilter("ignore", UserWarning)
                 self._maps[key] = fmt.from_storage(array, "int32" if name == "rows" else self.dtype)
         return self._maps[key]
+
+    def _size(self, path: Path) -> int | None:
+        """A file's size in bytes, None if it is missing."""
+        if self.fs is None:
+            return path.stat().st_size if path.is_file() else None
+        try:
+            return int(self.fs.size(str(path)))
+        except FileNotFoundError:
+            return None
 
     def release_pages(self) -> None:
         """Unmap every page read so far from this process (the data stay in the OS page cache)."""
@@ -162,8 +184,12 @@ class ActivationStore:
         for shard in range(len(self.shards)):
             lo, hi = int(bounds[shard]), int(bounds[shard + 1])
             if hi > lo:
+                array = self._array(shard, name)
+                if isinstance(array, remote.RangedArray):
+                    out[lo:hi] = array.take(indices[lo:hi] - self.offsets[shard])
+                    continue
                 local = torch.from_numpy(indices[lo:hi] - self.offsets[shard])
-                torch.index_select(self._array(shard, name), 0, local, out=out[lo:hi])
+                torch.index_select(array, 0, local, out=out[lo:hi])
         if order is not None:
             unsorted = torch.empty_like(out)
             unsorted[torch.from_numpy(order)] = out
@@ -211,11 +237,12 @@ class ActivationStore:
             folder = fmt.shard_dir(self.root, record["index"])
             for filename, expected in record["files"].items():
                 path = folder / filename
-                if not path.is_file():
+                size = self._size(path)
+                if size is None:
                     problems.append(f"shard {record['index']}: {filename} is missing")
-                elif path.stat().st_size != expected["bytes"]:
-                    problems.append(f"shard {record['index']}: {filename} has {path.stat().st_size} bytes, expected {expected['bytes']}")
-                elif fmt.sha256_file(path) != expected["sha256"]:
+                elif size != expected["bytes"]:
+                    problems.append(f"shard {record['index']}: {filename} has {size} bytes, expected {expected['bytes']}")
+                elif (remote.sha256(self.fs, path) if self.fs is not None else fmt.sha256_file(path)) != expected["sha256"]:
                     problems.append(f"shard {record['index']}: {filename} does not match its checksum")
         return problems
 
