@@ -154,6 +154,8 @@ class CacheConfig:
     sites: str = opt("blocks.*.hook_resid_post", "glob of sites to cache")
     top_k: int = opt(5, "tokens per layer in the logit-lens table")
     out: Path | None = opt(None, "folder for config.json, shapes.json and logit_lens.csv")
+    remote: bool = opt(False, "run on NDIF through nnsight's remote execution (hub id; needs NDIF_API_KEY); "
+                              "prints the cached shapes and norms")
 
 
 @command(CacheConfig, "cache")
@@ -164,6 +166,13 @@ def cache_cmd(config: CacheConfig) -> None:
     from interp.lens import logit_lens
     from interp.models import load_model
 
+    if config.remote:
+        from interp.models.remote import RemoteModel
+
+        cache = RemoteModel(config.model).run_with_cache(config.prompt, config.sites)
+        for name, value in cache.items():
+            typer.echo(f"{name:34s} {str(list(value.shape)):18s} mean norm {float(value.float().norm(dim=-1).mean()):.3f}")
+        return
     model = load_model(config.model)
     typer.echo(repr(model))
     typer.echo(f"tokens: {model.to_str_tokens(config.prompt)}")

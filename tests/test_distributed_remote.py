@@ -72,3 +72,74 @@ def test_training_from_a_url_equals_training_from_the_folder(tmp_path, local_sto
     a, b = load_dictionary(tmp_path / "local" / "sae-topk-k4-64"), load_dictionary(tmp_path / "remote" / "sae-topk-k4-64")
     for key, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[key]), key
+
+
+# ------------------------------------------------------------------ nnsight remote execution
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from interp.models import tiny_model
+
+    model = tiny_model("llama")
+    folder = tmp_path_factory.mktemp("tiny") / "llama"
+    model.module.save_pretrained(folder)
+    return model, folder
+
+
+def test_remote_model_reads_its_sites_inside_a_remote_trace(tiny_folder, monkeypatch):
+    """No NDIF server is reachable here: the request that would go out with remote=True is run
+    locally instead (same weights, dispatched), and compared with the HF modules' own tensors."""
+    import nnsight
+
+    from interp.models.remote import RemoteModel
+
+    model, folder = tiny_folder
+    remote_model = RemoteModel(str(folder), api_key="test-key", tokenizer=model.tokenizer, dispatch=True)
+    assert nnsight.CONFIG.API.APIKEY == "test-key"
+    flags = []
+    real_trace = type(remote_model.lm).trace
+
+    def trace(self, *args, **kwargs):
+        flags.append(kwargs.get("remote"))
+        return real_trace(self, *args, **{**kwargs, "remote": False})
+
+    monkeypatch.setattr(type(remote_model.lm), "trace", trace)
+    cache = remote_model.run_with_cache(["stone river light"], ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post", "blocks.1.hook_attn_out"])
+    assert flags == [True]
+
+    expected, layers = {}, model.module.model.layers
+    handles = [
+        layers[1].register_forward_hook(lambda m, a, o: expected.__setitem__("blocks.1.hook_resid_post", o[0] if isinstance(o, tuple) else o)),
+        layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: expected.__setitem__("blocks.0.mlp.hook_post", a[0])),
+        layers[1].self_attn.register_forward_hook(lambda m, a, o: expected.__setitem__("blocks.1.hook_attn_out", o[0])),
+    ]
+    try:
+        with torch.no_grad():
+            model.module(input_ids=torch.tensor([model.tokenizer("stone river light")["input_ids"]]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert set(cache) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(cache[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_remote_needs_an_api_key_and_a_remote_site(tiny_folder, monkeypatch):
+    import nnsight
+    from typer.testing import CliRunner
+
+    from interp.cli import app
+    from interp.errors import InputError, UnknownSiteError
+    from interp.models.remote import RemoteModel
+
+    model, folder = tiny_folder
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", None)
+    with pytest.raises(InputError, match="NDIF_API_KEY"):
+        RemoteModel(str(folder), tokenizer=model.tokenizer)
+    result = CliRunner().invoke(app, ["cache", "--model", "some-org/some-405b-model", "--remote"])
+    assert result.exit_code == 2 and "NDIF API key" in result.output
+    remote_model = RemoteModel(str(folder), api_key="test-key", tokenizer=model.tokenizer)
+    with pytest.raises(UnknownSiteError, match="norm sites"):
+        remote_model.module_of("blocks.0.ln2.hook_normalized")
