@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import typer
 
 from interp.config import opt, parse_count, parse_layers, write_config
+from interp.distributed import close_process_group
 from interp.errors import InputError, InterpError
 from interp.paths import atomic_write, write_json
 
@@ -78,6 +79,8 @@ def command(config_cls: type[C], name: str, group: typer.Typer = app) -> Callabl
             except InterpError as err:
                 typer.secho(f"error: {err}", fg="red", err=True)
                 raise typer.Exit(2) from None
+            finally:
+                close_process_group()
 
         wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         wrapper.__doc__ = (run.__doc__ or "").strip()

@@ -162,6 +162,15 @@ def ranks(device: str = "cpu") -> Ranks:
     return _initialised
 
 
+def close_process_group() -> None:
+    """Leave the process group this module joined (the CLI does after every job), so a worker
+    does not exit with collectives still being torn down; a group the caller set up is kept."""
+    global _initialised
+    if _initialised is not None and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _initialised = None
+
+
 def shares(n: int, parts: int) -> list[tuple[int, int]]:
     """``n`` items split into ``parts`` contiguous (start, stop) ranges, sizes differing by at most one."""
     base, extra = divmod(n, parts)
@@ -171,4 +180,4 @@ def shares(n: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-__all__ = ["SINGLE", "Ranks", "ranks", "shares"]
+__all__ = ["SINGLE", "Ranks", "close_process_group", "ranks", "shares"]

@@ -71,7 +71,11 @@ def worker(args: argparse.Namespace) -> None:
             trainer.train_step(batch)
         ranks.barrier()
         seconds = time.perf_counter() - start
-        extra = {"parameters": sum(p.numel() for d in trainer.dictionaries.values() for p in d.parameters())}
+        first = next(iter(trainer.dictionaries.values()))
+        with torch.no_grad():  # how many latent rows one batch's gradient touches (why the all-reduce is dense)
+            touched = first.encode_scaled(first.encoder_input(next(batches)[1][trainer.in_site])).indices.unique().numel()
+        extra = {"parameters": sum(p.numel() for d in trainer.dictionaries.values() for p in d.parameters()),
+                 "latent_rows_touched": touched / args.latents}
     else:  # allreduce: P float32 values, as sum_gradients sends them
         flat = torch.randn(args.values)
         ranks.all_reduce(flat)
@@ -83,6 +87,8 @@ def worker(args: argparse.Namespace) -> None:
         extra = {}
     if ranks.is_main:
         Path(args.result).write_text(json.dumps({"seconds": seconds, **extra}))
+    ranks.barrier()
+    distributed.close_process_group()
 
 
 def launch(nproc: int, threads: int, job_args: list[str]) -> dict:
@@ -159,6 +165,7 @@ def main() -> None:
             "speedup": one["seconds"] / many["seconds"], "one_rank_step_s": one["seconds"] / args.steps,
             "n_rank_step_s": many["seconds"] / args.steps,
             "allreduce_bytes_per_rank_per_step": 2 * (n - 1) / n * 4 * parameters, "allreduce_s": reduce["seconds"],
+            "latent_rows_touched_per_batch": one["latent_rows_touched"],
         }
         sweep = ",".join(str(16 * 2**i) for i in range(n))
         one = launch(1, threads, ["--job", "train", "--out", str(scratch / "s1"), "--k", sweep, *train])
@@ -177,7 +184,8 @@ def main() -> None:
           f"{t['one_rank_tok_s']:,.0f} tok/s ({t['one_rank_step_s']:.3f} s/step), {n} ranks data-parallel "
           f"{t['n_rank_tok_s']:,.0f} tok/s ({t['n_rank_step_s']:.3f} s/step, {t['speedup']:.2f}x)")
     print(f"         gradient all-reduce: {t['parameters']:,} parameters = {4 * t['parameters'] / 1e6:.1f} MB; ring: "
-          f"{t['allreduce_bytes_per_rank_per_step'] / 1e6:.1f} MB sent per rank per step; measured {t['allreduce_s'] * 1e3:.0f} ms")
+          f"{t['allreduce_bytes_per_rank_per_step'] / 1e6:.1f} MB sent per rank per step; measured {t['allreduce_s'] * 1e3:.0f} ms; "
+          f"one batch's gradient touches {t['latent_rows_touched_per_batch']:.1%} of the latent rows")
     print(f"sweep    k {s['k']}: 1 rank {s['one_rank_tok_s']:,.0f} tok/s, {n} ranks dictionary-parallel "
           f"{s['n_rank_tok_s']:,.0f} tok/s ({s['speedup']:.2f}x)")
     RESULTS.mkdir(parents=True, exist_ok=True)
