@@ -95,6 +95,7 @@ def test_remote_model_reads_its_sites_inside_a_remote_trace(tiny_folder, monkeyp
     from interp.models.remote import RemoteModel
 
     model, folder = tiny_folder
+    monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", None)  # restored afterwards: RemoteModel sets it
     remote_model = RemoteModel(str(folder), api_key="test-key", tokenizer=model.tokenizer, dispatch=True)
     assert nnsight.CONFIG.API.APIKEY == "test-key"
     flags = []
@@ -140,6 +141,6 @@ def test_remote_needs_an_api_key_and_a_remote_site(tiny_folder, monkeypatch):
         RemoteModel(str(folder), tokenizer=model.tokenizer)
     result = CliRunner().invoke(app, ["cache", "--model", "some-org/some-405b-model", "--remote"])
     assert result.exit_code == 2 and "NDIF API key" in result.output
-    remote_model = RemoteModel(str(folder), api_key="test-key", tokenizer=model.tokenizer)
+    remote_model = RemoteModel(str(folder), api_key="test-key", tokenizer=model.tokenizer)  # meta weights: nothing loaded
     with pytest.raises(UnknownSiteError, match="norm sites"):
         remote_model.module_of("blocks.0.ln2.hook_normalized")
