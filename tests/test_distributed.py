@@ -178,7 +178,7 @@ def test_two_rank_data_parallel_training_equals_one_rank_with_the_same_global_ba
     assert_same_parameters(tmp_path / "one", two, name, atol=2e-5)
     metrics = json.loads((two / "metrics.json").read_text())
     assert metrics[name]["fvu"] == pytest.approx(single[name]["fvu"], abs=1e-5)
-    assert json.loads((two / "config.json").read_text())["world_size"] == 2
+    assert json.loads((two / "config.json").read_text())["resolved"]["world_size"] == 2
 
 
 def test_killed_rank_resumes_to_the_uninterrupted_data_parallel_run(tmp_path, acts_store, two_rank_run):
@@ -203,7 +203,7 @@ def test_dictionary_parallel_sweep_killed_and_resumed_equals_the_one_process_swe
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 4
     resumed = torchrun(train_args(acts_store, out, k="3,8") + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads((out / "config.json").read_text())["parallel"] == "dictionaries"
+    assert json.loads((out / "config.json").read_text())["resolved"]["parallel"] == "dictionaries"
     for name in single:  # each rank trains its dictionary on the whole of every batch: the same arithmetic
         assert_same_parameters(tmp_path / "one", out, name, atol=0)
     assert json.loads((tmp_path / "one" / "history.json").read_text()) == json.loads((out / "history.json").read_text())

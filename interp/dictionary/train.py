@@ -271,8 +271,8 @@ class Trainer:
         c = self.config
         c.out.mkdir(parents=True, exist_ok=True)
         if self.ranks.is_main:
-            write_json(c.out / "config.json", {**config_dict(c), "resolved": self.schedule.as_dict(), "parallel": self.parallel,
-                                               "world_size": self.ranks.world_size}, indent=2)
+            resolved = {**self.schedule.as_dict(), "parallel": self.parallel, "world_size": self.ranks.world_size}
+            write_json(c.out / "config.json", {**config_dict(c), "resolved": resolved}, indent=2)
         if self.progress:
             tqdm.write(f"schedule: {self.schedule.describe()}")
         bar = tqdm(total=self.steps * self.batch_size, initial=self.step * self.batch_size, unit="tok", unit_scale=True,
