@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import typer
 
 from interp.config import opt, parse_count, parse_layers, write_config
+from interp.distributed import close_process_group
 from interp.errors import InputError, InterpError
 from interp.paths import atomic_write, write_json
 
@@ -78,6 +79,8 @@ def command(config_cls: type[C], name: str, group: typer.Typer = app) -> Callabl
             except InterpError as err:
                 typer.secho(f"error: {err}", fg="red", err=True)
                 raise typer.Exit(2) from None
+            finally:
+                close_process_group()
 
         wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         wrapper.__doc__ = (run.__doc__ or "").strip()
@@ -154,6 +157,8 @@ class CacheConfig:
     sites: str = opt("blocks.*.hook_resid_post", "glob of sites to cache")
     top_k: int = opt(5, "tokens per layer in the logit-lens table")
     out: Path | None = opt(None, "folder for config.json, shapes.json and logit_lens.csv")
+    remote: bool = opt(False, "run on NDIF through nnsight's remote execution (hub id; needs NDIF_API_KEY); "
+                              "prints the cached shapes and norms")
 
 
 @command(CacheConfig, "cache")
@@ -164,6 +169,13 @@ def cache_cmd(config: CacheConfig) -> None:
     from interp.lens import logit_lens
     from interp.models import load_model
 
+    if config.remote:
+        from interp.models.remote import RemoteModel
+
+        cache = RemoteModel(config.model).run_with_cache(config.prompt, config.sites)
+        for name, value in cache.items():
+            typer.echo(f"{name:34s} {str(list(value.shape)):18s} mean norm {float(value.float().norm(dim=-1).mean()):.3f}")
+        return
     model = load_model(config.model)
     typer.echo(repr(model))
     typer.echo(f"tokens: {model.to_str_tokens(config.prompt)}")
@@ -189,13 +201,16 @@ def harvest_cmd(config: HarvestConfig) -> None:
     """Run the model over a corpus and write the activations of the given sites to a store (resumable)."""
     from interp.store import harvest
 
+    from interp.distributed import ranks
+
     store = harvest(config)
-    typer.echo(store.info())
+    if ranks(config.device).is_main:  # under torchrun: one report, from rank 0
+        typer.echo(store.info())
 
 
 @dataclass
 class StorePathConfig:
-    store: Path = opt(help="store directory", argument=True)
+    store: str = opt(help="store directory or fsspec URL (e.g. s3://bucket/store)", argument=True)
 
 
 @command(StorePathConfig, "info", store_app)
@@ -227,7 +242,11 @@ def _train_and_report(config: TrainConfig) -> None:
     from interp.dictionary.metrics import metrics_table
     from interp.dictionary.train import train
 
+    from interp.distributed import ranks
+
     results = train(config)
+    if not ranks(config.device).is_main:  # under torchrun: one report, from rank 0
+        return
     typer.echo("\n" + metrics_table(results))
     typer.echo(f"\nwrote {config.out}/metrics.json and one folder per dictionary (with a SAELens export in saelens/)")
 

@@ -4,6 +4,8 @@ Crash-safety tests set ``INTERP_FAULT`` in a child process instead of killing it
 - ``INTERP_FAULT="<point>#<n>"`` sends SIGKILL to the process the n-th time it reaches ``<point>``;
 - ``INTERP_FAULT="<point>#<n>#hold:<file>"`` writes the pid into ``<file>`` there and waits until
   the test deletes the file (to check what other processes see meanwhile).
+- ``INTERP_FAULT_RANK=<r>`` limits either to the process whose torchrun ``RANK`` is ``r`` (the
+  other ranks of a distributed job run on).
 Without the variable (always, outside tests) a point costs one environment lookup.
 """
 
@@ -22,7 +24,7 @@ def fault_point(name: str) -> None:
     if not spec:
         return
     point, count, *action = spec.split("#", 2)
-    if point != name:
+    if point != name or os.environ.get("INTERP_FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
         return
     _reached[name] = _reached.get(name, 0) + 1
     if _reached[name] != int(count):

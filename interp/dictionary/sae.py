@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import interp_kernels as K
+from interp.distributed import SINGLE, Ranks
 from interp.errors import InputError
 
 Architecture = Literal["topk", "batchtopk", "jumprelu", "relu"]
@@ -124,8 +125,9 @@ class SparseDictionary(nn.Module):
         """The code of ``x`` [rows, d_in] (in the model's scale)."""
         return self.encode_scaled(self.encoder_input(x), batch=self.training)
 
-    def encode_scaled(self, z: torch.Tensor, *, batch: bool = False) -> Code:
-        """The code of an encoder input; ``batch=True`` selects BatchTopK's per-batch rule (training).
+    def encode_scaled(self, z: torch.Tensor, *, batch: bool = False, reduce: Ranks = SINGLE) -> Code:
+        """The code of an encoder input; ``batch=True`` selects BatchTopK's per-batch rule (training),
+        over the global batch of a data-parallel step whose ranks are ``reduce``.
 
         ``compute_dtype`` (e.g. bfloat16 matmuls) applies in training mode only: inference and
         evaluation always compute in float32, so metrics do not depend on the machine.
@@ -134,7 +136,7 @@ class SparseDictionary(nn.Module):
         if c.architecture == "topk":
             return Code(*K.topk_encode(z, self.W_enc, self.b_enc, c.k, compute_dtype=self._compute_dtype()))
         if c.architecture == "batchtopk":
-            return self._batch_topk(z) if batch else Code(dense=_threshold(self.pre_activations(z), self.threshold))
+            return self._batch_topk(z, reduce) if batch else Code(dense=_threshold(self.pre_activations(z), self.threshold))
         pre = self.pre_activations(z)
         if c.architecture == "relu":
             return Code(dense=torch.relu(pre))
@@ -146,34 +148,44 @@ class SparseDictionary(nn.Module):
     def pre_activations(self, z: torch.Tensor) -> torch.Tensor:
         return F.linear(z, self.W_enc, self.b_enc)
 
-    def _batch_topk(self, z: torch.Tensor) -> Code:
-        """The rows x k largest activations of the batch, exactly."""
-        values, indices, kth = self._batch_selection(z)
+    def _batch_topk(self, z: torch.Tensor, reduce: Ranks = SINGLE) -> Code:
+        """The rows x k largest activations of the (global) batch, exactly."""
+        values, indices, kth = self._batch_selection(z, reduce=reduce)
         keep = (values.detach() >= kth) & (values.detach() > 0)
-        if self.training and bool(keep.any()):
+        local = values.detach()[keep].min() if bool(keep.any()) else values.new_tensor(math.inf)
+        smallest = reduce.all_reduce(local.reshape(1), "min")[0]
+        if self.training and bool(smallest < math.inf):
             # Running estimate of the inference threshold (the batch's smallest kept value), started
             # at the first batch's value rather than at 0, so it is not biased low in short runs.
             # The trainer replaces it at the end with ``calibrate_threshold`` on training rows.
-            smallest = values.detach()[keep].min()
             self.threshold.copy_(smallest if float(self.threshold) == 0 else 0.99 * self.threshold + 0.01 * smallest)
         return Code(values * keep, indices)
 
-    def _batch_selection(self, z: torch.Tensor, rows_per_pass: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _batch_selection(self, z: torch.Tensor, rows_per_pass: int = 4096, reduce: Ranks = SINGLE
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each row's top ``cap`` candidates (values, indices) and the (rows x k)-th largest activation.
 
         If some row had all its candidates at or above that value it might deserve more, so
         ``cap`` doubles and the selection is redone. Rows are encoded ``rows_per_pass`` at a time.
+        In a data-parallel step (``reduce``) ``z`` is this rank's part of the batch and the k-th
+        value is the global batch's: every rank's largest candidates are gathered.
         """
-        k, rows, n = self.config.k, z.shape[0], self.config.n_latents
+        k, n = self.config.k, self.config.n_latents
+        rows = int(reduce.all_reduce(torch.tensor([z.shape[0]]))) if reduce.active else z.shape[0]
         cap = min(4 * k, n)
         while True:
             parts = [K.topk_encode(chunk, self.W_enc, self.b_enc, cap, compute_dtype=self._compute_dtype())
                      for chunk in z.split(rows_per_pass)]
             values, indices = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             flat = values.detach().reshape(-1)
-            kth = flat.topk(min(rows * k, flat.numel())).values[-1]
+            count = rows * k  # cap >= k: every rank has at least its rows x k candidates
+            best = flat.topk(min(count, flat.numel())).values
+            if reduce.active:  # pad to a common length, gather, take the global top
+                best = reduce.all_gather(F.pad(best, (0, count - best.numel()), value=-math.inf)).reshape(-1).topk(count).values
+            kth = best[-1]
             weakest = values.detach().min(-1).values
-            if cap == n or not bool(((weakest >= kth) & (weakest > 0)).any()):
+            more = reduce.all_reduce(((weakest >= kth) & (weakest > 0)).any().to(torch.int32).reshape(1), "max")
+            if cap == n or not bool(more):
                 return values, indices, kth
             cap = min(2 * cap, n)
 
@@ -269,8 +281,9 @@ class _Step(torch.autograd.Function):
         return None, (-(1.0 / ctx.bandwidth) * near * grad).sum(0), None
 
 
-def jumprelu_l0(dictionary: SparseDictionary, z: torch.Tensor) -> torch.Tensor:
-    """Mean number of firing latents per row, differentiable with respect to the thresholds."""
+def jumprelu_l0(dictionary: SparseDictionary, z: torch.Tensor, *, rows: float | None = None) -> torch.Tensor:
+    """Mean number of firing latents per row, differentiable with respect to the thresholds
+    (``rows``: divide by this many rows instead, e.g. a data-parallel step's global batch)."""
     pre = dictionary.pre_activations(z).detach()
     theta = dictionary.log_threshold.exp()
-    return _Step.apply(pre, theta, dictionary.config.jumprelu_bandwidth).sum(-1).mean()
+    return _Step.apply(pre, theta, dictionary.config.jumprelu_bandwidth).sum(-1).sum() / (rows or z.shape[0])

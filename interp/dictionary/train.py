@@ -11,12 +11,15 @@
 4. evaluates every dictionary (``metrics.py``), prints the table and writes ``metrics.json``, the
    dictionaries (own format) and their SAELens exports.
 
+Under ``torchrun`` the same call runs data-parallel or dictionary-parallel (``parallel.py``).
+
 A batch with a NaN/inf activation stops training with the store row that holds it; the last
 checkpoint stays as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -28,12 +31,15 @@ import torch
 from tqdm.auto import tqdm
 
 import interp_kernels as K
+from interp import distributed
 from interp.config import config_dict, opt, parse_count
 from interp.dictionary import checkpoint, io
 from interp.dictionary.metrics import metrics_table, reconstruction_metrics, splice_metrics
+from interp.dictionary.parallel import BatchReduce, merge_histories, parallel_mode
 from interp.dictionary.sae import DictionaryConfig, SparseDictionary, jumprelu_l0
 from interp.dictionary.schedule import resolve_schedule
 from interp.errors import InputError, TrainingError
+from interp.faults import fault_point
 from interp.paths import file_lock, interp_home, write_json
 from interp.store import ActivationStore, HarvestConfig, harvest
 
@@ -49,7 +55,8 @@ class TrainConfig:
     latents: int = opt(8192, "dictionary size")
     tokens: int = opt(2_000_000, "training tokens (e.g. 500k, 2M)", parse=parse_count)
     corpus: str = opt("shakespeare", "corpus to harvest from when the store does not exist yet")
-    store: Path | None = opt(None, "activation store (default: one per model/corpus/sites under the cache dir)")
+    store: str | None = opt(None, "activation store: a folder, or an fsspec URL to read (default: one per "
+                                  "model/corpus/sites under the cache dir)")
     out: Path = opt(Path("runs/sae"), "output folder")
     batch_size: int = opt(0, "tokens per step; 0 = chosen from --tokens (the short-budget rule, see the README)")
     lr: float = opt(0.0, "Adam learning rate; 0 = chosen from --tokens and --latents (the short-budget rule)")
@@ -72,6 +79,9 @@ class TrainConfig:
     l1_coefficient: float = opt(1e-3, "relu: L1 weight")
     l0_coefficient: float = opt(1e-3, "jumprelu: L0 weight")
     device: str = opt("cpu", "device")
+    parallel: str = opt("auto", "under torchrun: data (each rank takes a slice of every batch, gradients summed), "
+                                "dictionaries (each rank trains some dictionaries of the sweep on all the data), "
+                                "auto (dictionaries when the sweep splits evenly over the ranks, else data)")
 
     def __post_init__(self) -> None:
         self.tokens = parse_count(self.tokens)
@@ -79,7 +89,7 @@ class TrainConfig:
         self.auxk_dead_tokens = parse_count(self.auxk_dead_tokens)
         self.dead_window = parse_count(self.dead_window)
         self.out = Path(self.out)
-        self.store = Path(self.store) if self.store else None
+        self.store = str(self.store) if self.store else None
 
     def ks(self) -> list[int]:
         try:
@@ -117,13 +127,15 @@ class Trainer:
         from interp.models import load_model
 
         self.config = c = config
-        self.progress = progress
+        self.ranks = distributed.ranks(c.device)
+        self.parallel = parallel_mode(c.parallel, len(c.ks()), self.ranks.world_size)
+        self.progress = progress and self.ranks.is_main
         if model is None and c.model == "none":  # activations from elsewhere: sites are store names
             if c.store is None:
                 raise InputError("--model none needs an existing --store")
             self.model, self.in_site, self.out_site = None, c.site, c.output_site or c.site
         else:
-            self.model = model if model is not None else load_model(c.model, device=c.device)
+            self.model = model if model is not None else load_model(c.model, device=self.ranks.device(c.device))
             self.in_site = resolve_site(self.model, c.site, c.layer)
             self.out_site = resolve_site(self.model, c.output_site, c.layer) if c.output_site else self.in_site
         self.sites = [self.in_site] if self.out_site == self.in_site else [self.in_site, self.out_site]
@@ -139,11 +151,21 @@ class Trainer:
         self.auxk_dead = c.auxk_dead_tokens or min(10_000_000, max(c.tokens // 8, self.batch_size))
         sample = self._init_sample()
         self.max_norm = self._max_norm(sample)
-        self.dictionaries = {self._name(k): self._new_dictionary(k, sample) for k in c.ks()}
+        names = [self._name(k) for k in c.ks()]
+        if len(set(names)) != len(names):
+            raise InputError(f"k={c.k!r} names the same dictionary twice; give each k once")
+        # dictionary-parallel: rank r owns dictionaries r, r + N, ...; data-parallel: every rank all of them
+        owned = c.ks()[self.ranks.rank::self.ranks.world_size] if self.parallel == "dictionaries" else c.ks()
+        self.all_names = names
+        self.dictionaries = {self._name(k): self._new_dictionary(k, sample) for k in owned}
         params = {name: list(d.parameters()) for name, d in self.dictionaries.items()}
         self.optimizers = {name: torch.optim.Adam(p, lr=self.lr, fused=True) for name, p in params.items()}
         self.since_fired = {name: torch.zeros(c.latents, dtype=torch.long) for name in self.dictionaries}
-        self.loader = self.store.batches(self.sites, self.batch_size, shuffle=True, seed=c.seed, rows=self.train_rows, drop_last=True)
+        # data-parallel: every rank reads its own part of each global batch (the batch size is global)
+        data = self.ranks if self.parallel == "data" else distributed.SINGLE
+        self.reduce = BatchReduce(data)
+        self.loader = self.store.batches(self.sites, self.batch_size, shuffle=True, seed=c.seed, rows=self.train_rows,
+                                         drop_last=True, rank=data.rank, world_size=data.world_size, split="rows")
         self.step = 0
         self.train_seconds = 0.0
         self.history: list[dict[str, Any]] = []
@@ -161,8 +183,8 @@ class Trainer:
             for site in self.sites:
                 store.check_site(site)
             return store
-        path = c.store or default_store(c, self.sites, self.model.cfg.name)
-        if not (path / "manifest.json").exists() or not ActivationStore(path).complete:
+        path = Path(c.store) if c.store else default_store(c, self.sites, self.model.cfg.name)
+        if self.ranks.on_main(lambda: not (path / "manifest.json").exists() or not ActivationStore(path).complete):
             harvest(HarvestConfig(out=path, model=c.model, sites=",".join(self.sites), corpus=c.corpus,
                                   tokens=c.tokens + c.eval_tokens, context_len=c.context_len, device=c.device),
                     model=self.model, progress=self.progress)
@@ -240,7 +262,7 @@ class Trainer:
         x, y = batch[self.in_site], batch[self.out_site]
         lr = self.lr_at(self.step)
         stats = {name: step_dictionary(d, self.optimizers[name], x, y, self.since_fired[name], lr=lr,
-                                       auxk_dead=self.auxk_dead, auxk_coefficient=self.config.auxk_coefficient)
+                                       auxk_dead=self.auxk_dead, auxk_coefficient=self.config.auxk_coefficient, reduce=self.reduce)
                  for name, d in self.dictionaries.items()}
         self.step += 1
         return stats
@@ -248,7 +270,9 @@ class Trainer:
     def run(self) -> dict[str, dict[str, Any]]:
         c = self.config
         c.out.mkdir(parents=True, exist_ok=True)
-        write_json(c.out / "config.json", {**config_dict(c), "resolved": self.schedule.as_dict()}, indent=2)
+        if self.ranks.is_main:
+            resolved = {**self.schedule.as_dict(), "parallel": self.parallel, "world_size": self.ranks.world_size}
+            write_json(c.out / "config.json", {**config_dict(c), "resolved": resolved}, indent=2)
         if self.progress:
             tqdm.write(f"schedule: {self.schedule.describe()}")
         bar = tqdm(total=self.steps * self.batch_size, initial=self.step * self.batch_size, unit="tok", unit_scale=True,
@@ -257,8 +281,9 @@ class Trainer:
         start = time.perf_counter()
         while self.step < self.steps:
             rows, batch = next(batches)
-            _check_finite(batch, rows, self.store)
+            self._check_batch(batch, rows)
             stats = self.train_step(batch)
+            fault_point("train.step")
             first = next(iter(stats.values()))
             bar.update(self.batch_size)
             if self.step % 10 == 0 or self.step == self.steps:
@@ -270,6 +295,20 @@ class Trainer:
         bar.close()
         self.train_seconds = time.perf_counter() - start
         return self.finish()
+
+    def _check_batch(self, batch: dict[str, torch.Tensor], rows: Any) -> None:
+        """Stop on NaN/inf; in data-parallel runs every rank stops (the one holding the row names it)."""
+        try:
+            _check_finite(batch, rows, self.store)
+            error = None
+        except InputError as err:
+            error = err
+        bad = self.reduce.ranks.all_reduce(torch.tensor([float(error is not None)]), "max")
+        if error is not None:
+            raise error
+        if bool(bad > 0):
+            raise InputError("another rank found a non-finite activation in this step's batch (its message names the "
+                             "store row); training stopped, the last checkpoint is unchanged")
 
     def _batches(self):
         """(store rows, batch) pairs, epoch after epoch."""
@@ -283,21 +322,29 @@ class Trainer:
 
     # ----------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
+        """Data-parallel: rank 0 writes (every rank holds the same state); dictionary-parallel: each
+        rank writes its own dictionaries' files into the version and rank 0 completes it."""
+        if self.parallel == "data" and not self.ranks.is_main:
+            return
+        writers = self.ranks if self.parallel == "dictionaries" else distributed.SINGLE
+        history = merge_histories(writers.gather(self.history))
         tensors = {}
         for name, d in self.dictionaries.items():
             tensors[name] = {f"model.{k}": v.detach().contiguous() for k, v in d.state_dict().items()}
             tensors[name].update(_optimizer_tensors(self.optimizers[name]))
             tensors[name]["since_fired"] = self.since_fired[name]
-        state = {"step": self.step, "loader": self.loader.state_dict(), "history": self.history,
-                 "config": config_dict(self.config), "d_in": self.store.d(self.in_site), "lr": self.lr}
-        checkpoint.save(self.config.out, self.step, tensors, state)
+        state = {"step": self.step, "loader": self.loader.state_dict(), "history": history,
+                 "config": config_dict(self.config), "d_in": self.store.d(self.in_site), "lr": self.lr,
+                 "parallel": self.parallel, "world_size": self.ranks.world_size}
+        checkpoint.save(self.config.out, self.step, tensors, state, ranks=writers)
 
     def load_checkpoint(self) -> None:
         folder, state = checkpoint.load(self.config.out)
         if state["d_in"] != self.store.d(self.in_site):
             raise InputError(f"--resume: the checkpoint has d_in={state['d_in']}, the site has {self.store.d(self.in_site)}")
-        saved = {k: v for k, v in state["config"].items() if k not in ("resume",)}
-        now = {k: v for k, v in config_dict(self.config).items() if k not in ("resume",)}
+        # how the work is spread over ranks changes nothing but float rounding: not compared
+        saved = {k: v for k, v in state["config"].items() if k not in ("resume", "parallel")}
+        now = {k: v for k, v in config_dict(self.config).items() if k not in ("resume", "parallel")}
         differ = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
         if differ:
             raise InputError(f"--resume: the settings differ from the checkpoint's: {differ}")
@@ -315,6 +362,24 @@ class Trainer:
 
     # ------------------------------------------------------------ results
     def finish(self) -> dict[str, dict[str, Any]]:
+        """Evaluate and save the dictionaries this rank owns (data-parallel: rank 0 all of them);
+        rank 0 writes the run's metrics.json and history.json; every rank returns all metrics."""
+        c = self.config
+        evaluating = self.parallel == "dictionaries" or self.ranks.is_main
+        results = self._evaluate() if evaluating else {}
+        history = self.history
+        if self.parallel == "dictionaries":
+            history = merge_histories(self.ranks.gather(self.history))
+            gathered = {name: m for part in self.ranks.gather(results) for name, m in part.items()}
+            results = {name: gathered[name] for name in self.all_names}
+        else:
+            results = self.ranks.broadcast(results)
+        if self.ranks.is_main:
+            write_json(c.out / "metrics.json", results)
+            write_json(c.out / "history.json", history, indent=None)
+        return results
+
+    def _evaluate(self) -> dict[str, dict[str, Any]]:
         c = self.config
         results = {}
         held_out = (self.train_rows[1], self.store.n_rows)
@@ -327,52 +392,63 @@ class Trainer:
             metrics = {"tokens": self.step * self.batch_size, "train_seconds": self.train_seconds,
                        "dead_fraction": self.dead_fraction(name), **dictionary_metrics(d, self.store, held_out, self.model, contexts)}
             folder = c.out / name
-            io.save_dictionary(d, folder, metrics=metrics, store=str(self.store.root), held_out_rows=list(held_out),
+            io.save_dictionary(d, folder, metrics=metrics, store=self.store.location, held_out_rows=list(held_out),
                                training={"steps": self.step, **self.schedule.as_dict()})
             if not (c.architecture == "topk" and d.config.is_transcoder):
                 io.export_saelens(d, folder / "saelens")
             write_json(folder / "metrics.json", metrics)
             results[name] = metrics
-        write_json(c.out / "metrics.json", results)
-        write_json(c.out / "history.json", self.history, indent=None)
         return results
 
 
 def step_dictionary(d: SparseDictionary, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                    since_fired: torch.Tensor, *, lr: float, auxk_dead: int, auxk_coefficient: float) -> dict[str, float]:
-    """One optimisation step; ``since_fired`` (tokens since each latent last fired) is updated in place."""
+                    since_fired: torch.Tensor, *, lr: float, auxk_dead: int, auxk_coefficient: float,
+                    reduce: BatchReduce | None = None) -> dict[str, float]:
+    """One optimisation step; ``since_fired`` (tokens since each latent last fired) is updated in place.
+
+    With a data-parallel ``reduce``, ``x``/``y`` are this rank's part of the global batch: the loss
+    is this part's share of the global batch's loss, gradients and firing counts are summed over
+    the ranks, so every rank takes the step one process would take on the whole batch.
+    """
+    reduce = reduce or BatchReduce(distributed.SINGLE)
     d.train()
     dead = since_fired >= auxk_dead
-    loss, info, fires = dictionary_loss(d, x, y, dead, auxk_coefficient)
+    loss, info, fires = dictionary_loss(d, x, y, dead, auxk_coefficient, reduce)
     if not torch.isfinite(loss):
         raise TrainingError(f"the loss became {float(loss.detach())}: training diverged (try a lower --lr); "
                             "the last checkpoint is unchanged")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    reduce.ranks.sum_gradients(d.parameters())
     d.project_decoder_grad()
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
     d.normalize_decoder()
-    info["loss"] = float(loss.detach())
-    since_fired += x.shape[0]
+    since_fired += int(reduce.rows)
     since_fired[fires > 0] = 0
     info["dead_auxk"] = float(dead.double().mean())
     return info
 
 
-def dictionary_loss(d: SparseDictionary, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor, auxk_coefficient: float
-                    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
-    """The training loss of one batch: FVU (+ AuxK / L1 / L0 by architecture); stats; fire counts."""
+def dictionary_loss(d: SparseDictionary, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor, auxk_coefficient: float,
+                    reduce: BatchReduce | None = None) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+    """The training loss of one batch: FVU (+ AuxK / L1 / L0 by architecture); stats; fire counts.
+
+    Every term is a sum over rows divided by a whole-batch quantity (rows, total variance), so with
+    a data-parallel ``reduce`` each rank's loss is its share and the shares add up to the loss of
+    the global batch; the stats and fire counts returned are the global batch's.
+    """
+    reduce = reduce or BatchReduce(distributed.SINGLE)
     c = d.config
     z = d.encoder_input(x)
-    code = d.encode_scaled(z, batch=True)
+    code = d.encode_scaled(z, batch=True, reduce=reduce.ranks)
     target = y.to(d.W_dec.dtype) * d.output_scale
     error = target - d.decode_scaled(code)
-    total_var = (target - target.mean(0)).pow(2).sum()
+    rows, total_var = reduce.totals(target)
     fvu = error.pow(2).sum() / total_var
     loss = fvu
-    info = {"fvu": float(fvu.detach()), "l0": float(code.l0().double().mean())}
+    parts = {"fvu": fvu.detach(), "l0": code.l0().double().sum() / rows}  # in one process: bit for bit .mean()
     if c.architecture in ("topk", "batchtopk") and bool(dead.any()):
         dead_ids = dead.nonzero().squeeze(1)
         k_aux = min(c.d_in // 2, dead_ids.numel())
@@ -381,14 +457,16 @@ def dictionary_loss(d: SparseDictionary, x: torch.Tensor, y: torch.Tensor, dead:
         reconstruction = K.sparse_decode(values, local, d.W_dec[dead_ids])
         auxk = scale * (reconstruction - error.detach()).pow(2).sum() / total_var
         loss = loss + auxk_coefficient * auxk
-        info["auxk"] = float(auxk.detach())
+        parts["auxk"] = auxk.detach()
     elif c.architecture == "relu":
-        l1 = code.dense.sum(-1).mean()
+        l1 = code.dense.sum(-1).sum() / rows
         loss = loss + c.l1_coefficient * l1
-        info["l1"] = float(l1.detach())
+        parts["l1"] = l1.detach()
     elif c.architecture == "jumprelu":
-        loss = loss + c.l0_coefficient * jumprelu_l0(d, z)
-    return loss, info, code.fire_counts(c.n_latents)
+        loss = loss + c.l0_coefficient * jumprelu_l0(d, z, rows=rows)
+    parts["loss"] = loss.detach()
+    info = reduce.sum_stats(parts)
+    return loss, info, reduce.ranks.all_reduce(code.fire_counts(c.n_latents))
 
 
 def dictionary_metrics(d: SparseDictionary, store: ActivationStore, rows: tuple[int, int], model: Any,
@@ -478,11 +556,17 @@ def train(config: TrainConfig, *, model: Any = None, progress: bool = True) -> d
     """Run (or resume) a training job; returns the metrics of every dictionary.
 
     The run folder is locked for the whole job: a second job with the same ``--out`` exits at once,
-    naming the pid that holds it.
+    naming the pid that holds it. Under ``torchrun`` every rank calls this (``interp train-sae``
+    does): rank 0 holds the lock, and every rank returns the metrics of every dictionary.
     """
-    with file_lock(config.out / RUN_LOCK, what=f"the run folder {config.out}", wait=False):
-        if not config.resume and checkpoint.exists(config.out):
-            raise InputError(f"{config.out} already holds a run; pass --resume to continue it or choose another --out")
+    ranks = distributed.ranks(config.device)
+    with contextlib.ExitStack() as held:
+        def claim() -> None:
+            held.enter_context(file_lock(config.out / RUN_LOCK, what=f"the run folder {config.out}", wait=False))
+            if not config.resume and checkpoint.exists(config.out):
+                raise InputError(f"{config.out} already holds a run; pass --resume to continue it or choose another --out")
+
+        ranks.on_main(claim)
         trainer = Trainer(config, model=model, progress=progress)
         if config.resume:
             trainer.load_checkpoint()
@@ -495,7 +579,7 @@ RUN_LOCK = "run.lock"
 @dataclass
 class EvalConfig:
     dictionary: Path = opt(help="a trained dictionary folder (e.g. runs/sae/sae-topk-k32-8192)", argument=True)
-    store: Path | None = opt(None, "store to evaluate on (default: the training store, its held-out rows)")
+    store: str | None = opt(None, "store to evaluate on, a folder or an fsspec URL (default: the training store, its held-out rows)")
     eval_contexts: int = opt(32, "held-out contexts for the spliced-CE metrics (0 to skip)")
 
 

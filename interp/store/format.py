@@ -12,7 +12,10 @@ Every ``.npy`` file is a plain NumPy array (memory-mappable). ``bfloat16`` has n
 bfloat16 stores hold ``uint16`` arrays with the bfloat16 bit patterns (``manifest["dtype"]``
 says so). A shard directory is written under a temporary name and renamed when complete, and
 the manifest (rewritten atomically) lists only complete shards with their row counts and the
-sha256 of every file. ``writer.lock`` is the advisory lock a writer holds (readers never take it).
+sha256 of every file. ``writer.lock`` is the advisory lock a writer holds (readers never take it);
+``manifest.lock`` serialises the manifest updates of the ranks of a distributed harvest. The
+shards of a distributed harvest may be recorded out of order: readers see the shards numbered
+0, 1, 2, ... up to the first one missing (all of them once the store is complete).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ FORMAT = "interp-activation-store"
 VERSION = 1
 MANIFEST = "manifest.json"
 LOCK = "writer.lock"
+MANIFEST_LOCK = "manifest.lock"
 ROW_COLUMNS = ("context", "position", "token", "document", "document_offset")
 
 STORAGE_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {

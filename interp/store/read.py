@@ -18,13 +18,18 @@ import warnings
 import numpy as np
 import torch
 
+from interp import distributed
 from interp.errors import InputError, StoreError
 from interp.store import format as fmt
+from interp.store import remote
 from interp.store.shuffle import RowPermutation
 
 
 class ActivationStore:
     """A store directory opened for reading (only shards recorded in the manifest are visible).
+
+    ``root`` is a local folder or an fsspec URL (``s3://bucket/store``, ``file:///data/store``, ...):
+    local folders are memory-mapped, other filesystems read by byte ranges (``remote.py``).
 
     Shards are memory-mapped. With ``keep_pages=True`` (the default) the pages read stay mapped,
     which is fastest when the same rows are read again, but the process's resident size grows
@@ -34,15 +39,22 @@ class ActivationStore:
     """
 
     def __init__(self, root: str | Path, *, keep_pages: bool = True):
-        self.root = Path(root)
+        self.fs, self.root = remote.locate(root)  # fs: None for a local folder, else an fsspec filesystem
+        self.location = str(root) if self.fs is not None else str(self.root)  # what to open it again with
         self.keep_pages = keep_pages
-        if not (self.root / fmt.MANIFEST).is_file():
+        if self.fs is not None:
+            self.manifest = remote.read_manifest(self.fs, self.root)
+        elif not (self.root / fmt.MANIFEST).is_file():
             raise StoreError(f"{self.root} is not an activation store (no {fmt.MANIFEST})")
-        try:
-            self.manifest = fmt.read_manifest(self.root)
-        except ValueError as err:
-            raise StoreError(f"{self.root / fmt.MANIFEST} cannot be read: {err}") from err
-        self.shards = self.manifest["shards"]
+        else:
+            try:
+                self.manifest = fmt.read_manifest(self.root)
+            except ValueError as err:
+                raise StoreError(f"{self.root / fmt.MANIFEST} cannot be read: {err}") from err
+        recorded = self.manifest["shards"]
+        # A distributed harvest records shards out of order: the visible rows are those of shards
+        # 0, 1, 2, ... up to the first gap, so a row's index never changes as the store fills.
+        self.shards = recorded[: next((j for j, s in enumerate(recorded) if s["index"] != j), len(recorded))]
         self.dtype: str = self.manifest["dtype"]
         self.sites: list[str] = list(self.manifest["sites"])
         counts = np.array([s["rows"] for s in self.shards], dtype=np.int64)
@@ -91,25 +103,39 @@ class ActivationStore:
         )
 
     # ------------------------------------------------------------- raw rows
-    def _array(self, shard: int, name: str) -> torch.Tensor:
-        """A shard file as a tensor over its memory map (torch copies/gathers are multi-threaded)."""
+    def _array(self, shard: int, name: str) -> torch.Tensor | remote.RangedArray:
+        """A shard file as a tensor over its memory map (torch copies/gathers are multi-threaded),
+        or, on a remote filesystem, as a ``RangedArray``."""
         key = (shard, name)
         if key not in self._maps:
             record = self.shards[shard]
             filename = "rows.npy" if name == "rows" else fmt.site_file(name)
             path = fmt.shard_dir(self.root, record["index"]) / filename
             expected = record["files"][filename]["bytes"]
-            if not path.is_file() or path.stat().st_size != expected:
-                got = path.stat().st_size if path.is_file() else "missing"
+            size = self._size(path)
+            if size != expected:
+                got = "missing" if size is None else size
                 raise StoreError(
                     f"shard {record['index']} of {self.root} is damaged: {filename} has {got} bytes, expected "
                     f"{expected}; run `interp store verify {self.root}`"
                 )
+            if self.fs is not None:
+                self._maps[key] = remote.RangedArray(self.fs, path, "int32" if name == "rows" else self.dtype)
+                return self._maps[key]
             array, self._mmaps[key] = _map_npy(path)
             with warnings.catch_warnings():  # read-only map: we never write through it
                 warnings.simplefilter("ignore", UserWarning)
                 self._maps[key] = fmt.from_storage(array, "int32" if name == "rows" else self.dtype)
         return self._maps[key]
+
+    def _size(self, path: Path) -> int | None:
+        """A file's size in bytes, None if it is missing."""
+        if self.fs is None:
+            return path.stat().st_size if path.is_file() else None
+        try:
+            return int(self.fs.size(str(path)))
+        except FileNotFoundError:
+            return None
 
     def release_pages(self) -> None:
         """Unmap every page read so far from this process (the data stay in the OS page cache)."""
@@ -158,8 +184,12 @@ class ActivationStore:
         for shard in range(len(self.shards)):
             lo, hi = int(bounds[shard]), int(bounds[shard + 1])
             if hi > lo:
+                array = self._array(shard, name)
+                if isinstance(array, remote.RangedArray):
+                    out[lo:hi] = array.take(indices[lo:hi] - self.offsets[shard])
+                    continue
                 local = torch.from_numpy(indices[lo:hi] - self.offsets[shard])
-                torch.index_select(self._array(shard, name), 0, local, out=out[lo:hi])
+                torch.index_select(array, 0, local, out=out[lo:hi])
         if order is not None:
             unsorted = torch.empty_like(out)
             unsorted[torch.from_numpy(order)] = out
@@ -178,11 +208,17 @@ class ActivationStore:
         rank: int = 0,
         world_size: int = 1,
         rows: tuple[int, int] | None = None,
+        split: str = "batches",
     ) -> Batches:
         """An iterator of batches (a tensor for one site, a dict aligned by row for several).
 
         ``rows=(start, stop)`` restricts it to a range of store rows (e.g. all but a held-out tail).
+        With ``world_size > 1``, ``split="batches"`` gives each rank every ``world_size``-th batch;
+        ``split="rows"`` gives every rank every batch, cut into ``world_size`` disjoint parts of its
+        (sorted) rows, rank r reading part r: a data-parallel step over one global batch.
         """
+        if split not in ("batches", "rows"):
+            raise InputError(f"split={split!r}: choose batches or rows")
         names = [sites] if isinstance(sites, str) else list(sites)
         for name in names:
             self.check_site(name)
@@ -192,7 +228,7 @@ class ActivationStore:
         if not 0 <= start < stop <= self.n_rows:
             raise InputError(f"rows={rows}: the store has rows 0..{self.n_rows}")
         return Batches(self, names, batch_size, shuffle=shuffle, seed=seed, dtype=dtype, drop_last=drop_last,
-                       single=isinstance(sites, str), rank=rank, world_size=world_size, start=start, stop=stop)
+                       single=isinstance(sites, str), rank=rank, world_size=world_size, start=start, stop=stop, split=split)
 
     def verify(self) -> list[str]:
         """Recompute every file's size and sha256; a list of problems (empty when intact)."""
@@ -201,11 +237,12 @@ class ActivationStore:
             folder = fmt.shard_dir(self.root, record["index"])
             for filename, expected in record["files"].items():
                 path = folder / filename
-                if not path.is_file():
+                size = self._size(path)
+                if size is None:
                     problems.append(f"shard {record['index']}: {filename} is missing")
-                elif path.stat().st_size != expected["bytes"]:
-                    problems.append(f"shard {record['index']}: {filename} has {path.stat().st_size} bytes, expected {expected['bytes']}")
-                elif fmt.sha256_file(path) != expected["sha256"]:
+                elif size != expected["bytes"]:
+                    problems.append(f"shard {record['index']}: {filename} has {size} bytes, expected {expected['bytes']}")
+                elif (remote.sha256(self.fs, path) if self.fs is not None else fmt.sha256_file(path)) != expected["sha256"]:
                     problems.append(f"shard {record['index']}: {filename} does not match its checksum")
         return problems
 
@@ -244,17 +281,20 @@ class Batches:
     one batch's positions at a time, so starting an epoch costs no memory or time whatever the
     number of rows); each batch is read in sorted row order (fast memory-map access) and
     returned in that order, the same on every run. With ``world_size > 1`` each rank gets every
-    ``world_size``-th batch.
+    ``world_size``-th batch (``split="batches"``) or its part of every batch (``split="rows"``).
     """
 
     def __init__(self, store: ActivationStore, sites: list[str], batch_size: int, *, shuffle: bool, seed: int,
-                 dtype: torch.dtype | None, drop_last: bool, single: bool, rank: int, world_size: int, start: int, stop: int):
+                 dtype: torch.dtype | None, drop_last: bool, single: bool, rank: int, world_size: int, start: int, stop: int,
+                 split: str = "batches"):
         if batch_size < 1:
             raise InputError(f"batch_size must be positive, got {batch_size}")
         self.store, self.sites, self.batch_size = store, sites, batch_size
         self.start, self.n_rows = start, stop - start
         self.shuffle, self.seed, self.dtype, self.drop_last, self.single = shuffle, seed, dtype, drop_last, single
-        self.rank, self.world_size = rank, world_size
+        if not 0 <= rank < world_size:
+            raise InputError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.rank, self.world_size, self.split = rank, world_size, split
         self.epoch, self.batch = 0, 0
         self._order: RowPermutation | None = None
         self._order_epoch = -1
@@ -263,9 +303,13 @@ class Batches:
         n = self.n_rows
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def _mine(self) -> range:
+        """The batch numbers this rank reads in an epoch."""
+        return range(self._total()) if self.split == "rows" else range(self.rank, self._total(), self.world_size)
+
     def __len__(self) -> int:
         """Batches per epoch (for this rank)."""
-        return len(range(self.rank, self._total(), self.world_size))
+        return len(self._mine())
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "shuffle": self.shuffle, "batch_size": self.batch_size}
@@ -282,12 +326,17 @@ class Batches:
         return self._order
 
     def rows_of(self, index: int) -> np.ndarray | slice:
-        """The global store rows of batch ``index`` of the current epoch (sorted)."""
+        """The global store rows of batch ``index`` of the current epoch that this rank reads (sorted)."""
         start = index * self.batch_size
         stop = min(start + self.batch_size, self.n_rows)
         if self.shuffle:
-            return np.sort(self._epoch_order()[start:stop]) + self.start
-        return slice(self.start + start, self.start + stop)
+            rows = np.sort(self._epoch_order()[start:stop]) + self.start
+        else:
+            rows = slice(self.start + start, self.start + stop)
+        if self.split == "rows" and self.world_size > 1:
+            lo, hi = distributed.shares(stop - start, self.world_size)[self.rank]
+            rows = rows[lo:hi] if isinstance(rows, np.ndarray) else slice(rows.start + lo, rows.start + hi)
+        return rows
 
     def read_batch(self, index: int) -> torch.Tensor | dict[str, torch.Tensor]:
         """Batch ``index`` of the current epoch."""
@@ -297,7 +346,7 @@ class Batches:
 
     def __iter__(self) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
         """Yield the rest of the current epoch, then move to the next epoch."""
-        mine = range(self.rank, self._total(), self.world_size)
+        mine = self._mine()
         while self.batch < len(mine):
             batch = self.read_batch(mine[self.batch])
             self.batch += 1

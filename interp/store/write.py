@@ -10,6 +10,7 @@ shard starts, so every forward pass sees the same batch either way).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from interp import distributed
 from interp.config import config_dict, opt, parse_count
 from interp.data import TokenContexts, load_corpus, token_contexts
 from interp.data.contexts import tokenizer_digest
@@ -56,7 +58,9 @@ class HarvestConfig:
 def harvest(config: HarvestConfig, *, model: Any = None, progress: bool = True) -> ActivationStore:
     """Write (or resume) the store described by ``config``; returns it opened for reading.
 
-    ``model`` may be an already loaded ``Model`` (then ``config.model`` only names it).
+    ``model`` may be an already loaded ``Model`` (then ``config.model`` only names it). Under
+    ``torchrun`` with N processes, rank r runs shards r, r + N, r + 2N, ... (see ``interp.distributed``
+    and the README's "Scale-out"): the store is the one a single process writes, row for row.
     """
     from interp.models import load_model
 
@@ -66,11 +70,11 @@ def harvest(config: HarvestConfig, *, model: Any = None, progress: bool = True) 
         raise InputError(
             f"shard_contexts ({config.shard_contexts}) must be a positive multiple of batch_size ({config.batch_size})"
         )
-    model = model if model is not None else load_model(config.model, device=config.device)
+    ranks = distributed.ranks(config.device)
+    model = model if model is not None else load_model(config.model, device=ranks.device(config.device))
     sites = model.site_names([s.strip() for s in config.sites.split(",") if s.strip()])
     widths = {site: _row_width(model, site) for site in sites}
     out = Path(config.out)
-    _check_destination(out)
 
     corpus = load_corpus(config.corpus)
     skip = 1 if config.exclude_bos else 0
@@ -92,30 +96,51 @@ def harvest(config: HarvestConfig, *, model: Any = None, progress: bool = True) 
         "batch_size": config.batch_size,
         "shard_contexts": config.shard_contexts,
     }
-    with store_lock(out, wait=config.wait):  # one writer at a time; readers never wait
-        manifest = _open_or_create(out, identity, config, contexts, model, per_context)
-        n_shards = math.ceil(len(contexts) / config.shard_contexts)
-        done = {shard["index"] for shard in manifest["shards"]}
-        _remove_orphans(out, done)
-        todo = [i for i in range(n_shards) if i not in done]
-        _check_space(out, todo, contexts, config, widths, per_context)
+    n_shards = math.ceil(len(contexts) / config.shard_contexts)
 
-        total = len(contexts) * per_context
-        bar = tqdm(total=total, initial=sum(s["rows"] for s in manifest["shards"]), unit="tok", unit_scale=True,
-                   desc=f"harvest {out.name}", disable=not progress, smoothing=0.05)
+    # One writer at a time (readers never wait): rank 0 holds the lock for the whole job, and the
+    # other ranks start only once it has it and has prepared the store.
+    with contextlib.ExitStack() as held:
+        def prepare() -> list[int]:
+            """Rank 0: the lock taken, the manifest read or created, orphans removed, space checked."""
+            _check_destination(out)
+            held.enter_context(store_lock(out, wait=config.wait))
+            manifest = _open_or_create(out, identity, config, contexts, model, per_context)
+            done = {shard["index"] for shard in manifest["shards"]}
+            _remove_orphans(out, done)
+            _check_space(out, [i for i in range(n_shards) if i not in done], contexts, config, widths, per_context)
+            return sorted(done)
+
+        done = set(ranks.on_main(prepare))
+        todo = [i for i in range(n_shards) if i not in done and i % ranks.world_size == ranks.rank]
+        mine = sum(min(config.shard_contexts, len(contexts) - i * config.shard_contexts) for i in todo) * per_context
+        where = f" (rank {ranks.rank} of {ranks.world_size})" if ranks.active else ""
+        bar = tqdm(total=mine, unit="tok", unit_scale=True, desc=f"harvest {out.name}{where}",
+                   disable=not (progress and ranks.is_main), smoothing=0.05)
         for index in todo:
             bar.set_postfix_str(f"shard {index + 1}/{n_shards}")
             first, last = index * config.shard_contexts, min((index + 1) * config.shard_contexts, len(contexts))
             arrays = _run_shard(model, contexts, first, last, sites, widths, config, skip, bar)
             bar.set_postfix_str(f"writing shard {index + 1}/{n_shards}")
-            files = _write_shard(out, index, arrays, manifest)
-            manifest["shards"].append({"index": index, "contexts": [first, last], "rows": len(arrays["rows"]), "files": files})
-            manifest["shards"].sort(key=lambda s: s["index"])
-            fmt.write_manifest(out, manifest)
+            files = _write_shard(out, index, arrays)
+            _record_shard(out, {"index": index, "contexts": [first, last], "rows": len(arrays["rows"]), "files": files}, n_shards)
         bar.close()
-        manifest["complete"] = True
-        fmt.write_manifest(out, manifest)
+        ranks.barrier()
     return ActivationStore(out)
+
+
+def _record_shard(out: Path, record: dict, n_shards: int) -> None:
+    """Add a renamed shard to the manifest (in index order; complete once all ``n_shards`` are there).
+
+    The manifest is read, changed and atomically replaced under ``manifest.lock``, so the ranks of
+    a distributed harvest, each recording its own shards, never lose one another's records.
+    """
+    with file_lock(out / fmt.MANIFEST_LOCK, what=f"the manifest of {out}"):
+        manifest = fmt.read_manifest(out)
+        manifest["shards"] = sorted([s for s in manifest["shards"] if s["index"] != record["index"]] + [record],
+                                    key=lambda s: s["index"])
+        manifest["complete"] = len(manifest["shards"]) == n_shards
+        fmt.write_manifest(out, manifest)
 
 
 def write_arrays(out: str | Path, arrays: dict[str, np.ndarray | torch.Tensor], *, source: str = "external",
@@ -155,7 +180,7 @@ def _write_all(out: Path, tensors: dict[str, torch.Tensor], n: int, source: str,
         rows = np.full((stop - start, len(fmt.ROW_COLUMNS)), -1, dtype=np.int32)
         rows[:, 0], rows[:, 1] = np.arange(start, stop), 0
         shard = {site: fmt.to_storage(t[start:stop], dtype) for site, t in tensors.items()}
-        files = _write_shard(out, index, {**shard, "rows": rows}, manifest)
+        files = _write_shard(out, index, {**shard, "rows": rows})
         manifest["shards"].append({"index": index, "contexts": [start, stop], "rows": stop - start, "files": files})
         fmt.write_manifest(out, manifest)
     manifest["complete"] = True
@@ -284,7 +309,7 @@ def _row_table(contexts: TokenContexts, first: int, last: int, skip: int) -> np.
     return np.stack(columns, axis=1).astype(np.int32)
 
 
-def _write_shard(out: Path, index: int, arrays: dict[str, np.ndarray], manifest: dict) -> dict[str, dict]:
+def _write_shard(out: Path, index: int, arrays: dict[str, np.ndarray]) -> dict[str, dict]:
     """Write every array of one shard into a temporary folder renamed into place when whole; file records."""
     files = {}
     try:
@@ -296,10 +321,10 @@ def _write_shard(out: Path, index: int, arrays: dict[str, np.ndarray], manifest:
                 files[filename] = {"bytes": (tmp / filename).stat().st_size, "sha256": fmt.sha256_file(tmp / filename)}
             fault_point("harvest.shard-written")
     except OSError as err:
-        kept = sum(s["rows"] for s in manifest["shards"])
+        recorded = fmt.read_manifest(out)["shards"]
         raise InputError(
-            f"writing shard {index} to {out} failed ({err.strerror or err}); the {len(manifest['shards'])} "
-            f"complete shards ({kept:,} rows) are intact: fix the problem and run the same command to resume"
+            f"writing shard {index} to {out} failed ({err.strerror or err}); the {len(recorded)} complete shards "
+            f"({sum(s['rows'] for s in recorded):,} rows) are intact: fix the problem and run the same command to resume"
         ) from err
     fault_point("harvest.shard-renamed")
     return files
