@@ -44,7 +44,7 @@ from interp.errors import InputError
 from interp.faults import fault_point
 from interp.intervene import Affine, Apply
 from interp.models.hooks import StopForward
-from interp.paths import atomic_write
+from interp.paths import atomic_write, write_json
 from interp.steering.generation import AffineSteering, Positions
 
 if TYPE_CHECKING:
@@ -107,9 +107,9 @@ class AffineMaps:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"{s}.{k}": t[s].contiguous() for s in self.sites for k, t in (("weight", self.weight), ("bias", self.bias))}
-        save_file(tensors, str(path))
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
         meta = {"method": self.method, "sites": self.sites, "active_units": self.active_units(), "info": self.info}
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str))
+        write_json(path.with_suffix(".json"), meta)
         return path
 
     @classmethod
