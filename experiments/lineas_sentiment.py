@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/lineas-sentiment"))
     parser.add_argument("--stage", choices=("maps", "dev", "test", "all"), default="all")
     parser.add_argument("--layers", default="2-9")
-    parser.add_argument("--groups", default="0,0.05,0.1,0.2,0.4", help="LinEAS group-lasso strengths; 0 is the dense fit")
+    parser.add_argument("--groups", default="0,0.1,0.2,0.4,0.8", help="LinEAS group-lasso strengths; 0 is the dense fit")
     parser.add_argument("--keep", type=float, default=0.75, help="share of the dense fit's dev shift the sparse fit must keep")
     parser.add_argument("--new-tokens", type=int, default=40)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
