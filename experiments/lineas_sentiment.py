@@ -7,11 +7,12 @@
    (8 layers, ending at layer 9, the difference-in-means layer chosen on the development prompts
    in the steering issue). Mean-AcT, Linear-AcT, and LinEAS at every group-lasso strength of
    ``--groups`` (0 is the dense fit); each LinEAS fit writes its state every 10 steps and resumes.
-2. Development (``--stage dev``): the 12 ``neutral_dev`` prompts, every LinEAS fit at lambda 1.
+2. Development (``--stage dev``): the 30 ``neutral_dev`` prompts, every LinEAS fit at lambda 1.
    The sparse fit reported is the strongest group strength whose VADER shift (over the unsteered
    run) keeps at least ``--keep`` (0.75) of the dense fit's shift; the rule was fixed before the run.
 3. Test (``--stage test``): the 60 held-out ``neutral_test`` prompts, greedy, 40 new tokens: the
-   dense and the chosen sparse LinEAS, Mean-AcT and Linear-AcT at lambda 0.25, 0.5, 0.75, 1;
+   dense and the chosen sparse LinEAS (and the fits of ``--also-test``, a sparser point of the
+   curve shown beside the choice, not chosen by it), Mean-AcT and Linear-AcT at lambda 0.25, 0.5, 0.75, 1;
    difference-in-means at layer 9 at 0.1, 0.25, 0.5, 1 x the layer's mean activation norm. Mean
    VADER compound and perplexity under the unsteered model; table, generations and a plot in
    ``OUT/test``, the plot also as ``experiments/figures/lineas_sentiment.{html,png}``; units
@@ -40,7 +41,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/lineas-sentiment"))
     parser.add_argument("--stage", choices=("maps", "dev", "test", "all"), default="all")
     parser.add_argument("--layers", default="2-9")
-    parser.add_argument("--groups", default="0,0.1,0.2,0.4,0.8", help="LinEAS group-lasso strengths; 0 is the dense fit")
+    parser.add_argument("--groups", default="0,0.2,0.4,0.8,1.6,3.2,6.4,12.8", help="LinEAS group-lasso strengths; 0 is the dense fit")
+    parser.add_argument("--also-test", default="3.2", help="further group strengths to report on test (comma-separated; empty: none)")
     parser.add_argument("--keep", type=float, default=0.75, help="share of the dense fit's dev shift the sparse fit must keep")
     parser.add_argument("--new-tokens", type=int, default=40)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -126,7 +128,9 @@ def report_on_test(model, maps: dict, chosen: str, sites, source, target, args) 
     prompts = load_prompts("neutral_test")
     common = dict(scorer=VaderScorer(), max_new_tokens=args.new_tokens, out=args.out / "test")
     dense = lineas_name(0.0)
-    steered = {dense: maps[dense], chosen: maps[chosen], "mean-act": maps["mean-act"], "linear-act": maps["linear-act"]}
+    also = [lineas_name(float(g)) for g in args.also_test.split(",") if g]
+    steered = {name: maps[name] for name in dict.fromkeys([dense, chosen, *also])}
+    steered.update({"mean-act": maps["mean-act"], "linear-act": maps["linear-act"]})
     concept = load_concept("sentiment")
     last = sites[-1]
     vector = diff_in_means(model, concept, last)
