@@ -230,7 +230,7 @@ def token_activations(model: Model, texts: Sequence[str], sites: Sequence[str], 
 
 
 def fit_lineas(model: Model, source: Sequence[str], target: Sequence[str], sites: Sequence[str], *, steps: int = 100,
-               lr: float = 0.02, l1: float = 0.0, group: float = 0.05, batch_size: int = 32, seed: int = 0,
+               lr: float = 0.02, l1: float = 0.0, group: float = 0.8, batch_size: int = 32, seed: int = 0,
                checkpoint: str | Path | None = None, checkpoint_every: int = 10, resume: bool = False,
                progress: bool = True, log: Callable[[int, float, int], None] | None = None) -> AffineMaps:
     """Fit LinEAS maps at ``sites`` moving the activations of ``source`` texts towards those of ``target``.
