@@ -11,8 +11,8 @@
    The sparse fit reported is the strongest group strength whose VADER shift (over the unsteered
    run) keeps at least ``--keep`` (0.75) of the dense fit's shift; the rule was fixed before the run.
 3. Test (``--stage test``): the 60 held-out ``neutral_test`` prompts, greedy, 40 new tokens: the
-   dense and the chosen sparse LinEAS (and the fits of ``--also-test``, a sparser point of the
-   curve shown beside the choice, not chosen by it), Mean-AcT and Linear-AcT at lambda 0.25, 0.5, 0.75, 1;
+   dense and the chosen sparse LinEAS, Mean-AcT and Linear-AcT at lambda 0.25, 0.5, 0.75, 1 (and the
+   fits of ``--also-test``, sparser points shown beside the choice, not chosen by it, at lambda 1);
    difference-in-means at layer 9 at 0.1, 0.25, 0.5, 1 x the layer's mean activation norm. Mean
    VADER compound and perplexity under the unsteered model; table, generations and a plot in
    ``OUT/test``, the plot also as ``experiments/figures/lineas_sentiment.{html,png}``; units
@@ -128,16 +128,18 @@ def report_on_test(model, maps: dict, chosen: str, sites, source, target, args) 
     prompts = load_prompts("neutral_test")
     common = dict(scorer=VaderScorer(), max_new_tokens=args.new_tokens, out=args.out / "test")
     dense = lineas_name(0.0)
-    also = [lineas_name(float(g)) for g in args.also_test.split(",") if g]
-    steered = {name: maps[name] for name in dict.fromkeys([dense, chosen, *also])}
-    steered.update({"mean-act": maps["mean-act"], "linear-act": maps["linear-act"]})
+    also = {lineas_name(float(g)): maps[lineas_name(float(g))] for g in args.also_test.split(",") if g}
+    steered = {dense: maps[dense], chosen: maps[chosen], "mean-act": maps["mean-act"], "linear-act": maps["linear-act"]}
     concept = load_concept("sentiment")
     last = sites[-1]
     vector = diff_in_means(model, concept, last)
     norm = site_mean_norm(model, last, concept.texts)
     a = sweep(model, steered, MAP_STRENGTHS, prompts, mean_norms={last: norm}, **common)
     b = sweep(model, {"diff-means": vector}, DIFF_STRENGTHS, prompts, mean_norms={last: norm}, **common)
-    generations = pd.concat([a.generations, b.generations[b.generations["method"] != "unsteered"]], ignore_index=True)
+    extra = [sweep(model, also, [1.0], prompts, mean_norms={last: norm}, **common)] if also else []  # lambda 1 only
+    generations = pd.concat([a.generations] + [r.generations[r.generations["method"] != "unsteered"] for r in (b, *extra)],
+                            ignore_index=True)
+    steered.update(also)
     result = SweepResult(summarise(generations), generations, VaderScorer.description)
     result.save(args.out / "test")
     units = {name: sum(m.active_units().values()) for name, m in steered.items()}
