@@ -13,7 +13,7 @@
 3. Test (``--stage test``): the 60 held-out ``neutral_test`` prompts, greedy, 40 new tokens: the
    dense and the chosen sparse LinEAS, Mean-AcT and Linear-AcT at lambda 0.25, 0.5, 0.75, 1 (and the
    fits of ``--also-test``, sparser points shown beside the choice, not chosen by it, at lambda 1);
-   difference-in-means at layer 9 at 0.1, 0.25, 0.5, 1 x the layer's mean activation norm. Mean
+   difference-in-means at layer 9 at 0.1, 0.25, 0.5 x the layer's mean activation norm. Mean
    VADER compound and perplexity under the unsteered model; table, generations and a plot in
    ``OUT/test``, the plot also as ``experiments/figures/lineas_sentiment.{html,png}``; units
    changed and fit times in ``OUT/summary.json``.
@@ -33,13 +33,14 @@ import torch
 
 FIGURES = Path(__file__).resolve().parent / "figures"
 MAP_STRENGTHS = (0.25, 0.5, 0.75, 1.0)
-DIFF_STRENGTHS = (0.1, 0.25, 0.5, 1.0)
+DIFF_STRENGTHS = (0.1, 0.25, 0.5)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("runs/lineas-sentiment"))
-    parser.add_argument("--stage", choices=("maps", "dev", "test", "all"), default="all")
+    parser.add_argument("--stage", choices=("maps", "dev", "test", "report", "all"), default="all",
+                        help="report: table and plot from the test generations on disk, without generating")
     parser.add_argument("--layers", default="2-9")
     parser.add_argument("--groups", default="0,0.2,0.4,0.8,1.6,3.2,6.4,12.8", help="LinEAS group-lasso strengths; 0 is the dense fit")
     parser.add_argument("--also-test", default="3.2", help="further group strengths to report on test (comma-separated; empty: none)")
@@ -62,10 +63,12 @@ def main() -> None:
     if 0.0 not in groups:
         raise SystemExit("--groups must include 0 (the dense fit)")
     maps = fit_all(model, source, target, sites, groups, defaults, args.out / "maps")
-    if args.stage in ("dev", "test", "all"):
+    if args.stage in ("dev", "test", "report", "all"):
         chosen = choose_on_dev(model, maps, groups, args)
     if args.stage in ("test", "all"):
         report_on_test(model, maps, chosen, sites, source, target, args)
+    if args.stage == "report":
+        write_report(maps, chosen, args)
 
 
 def lineas_name(group: float) -> str:
@@ -121,46 +124,60 @@ def choose_on_dev(model, maps: dict, groups: list[float], args) -> str:
 
 
 def report_on_test(model, maps: dict, chosen: str, sites, source, target, args) -> None:
+    """Generate on the test prompts, method by method in order of importance (each resumable), then report."""
     from interp.data.concepts import load_concept, load_prompts
     from interp.steering import VaderScorer, diff_in_means, site_mean_norm, sweep
-    from interp.steering.sweep import SweepResult, summarise
 
     prompts = load_prompts("neutral_test")
-    common = dict(scorer=VaderScorer(), max_new_tokens=args.new_tokens, out=args.out / "test")
-    dense = lineas_name(0.0)
-    also = {lineas_name(float(g)): maps[lineas_name(float(g))] for g in args.also_test.split(",") if g}
-    steered = {dense: maps[dense], chosen: maps[chosen], "mean-act": maps["mean-act"], "linear-act": maps["linear-act"]}
     concept = load_concept("sentiment")
     last = sites[-1]
-    vector = diff_in_means(model, concept, last)
     norm = site_mean_norm(model, last, concept.texts)
-    a = sweep(model, steered, MAP_STRENGTHS, prompts, mean_norms={last: norm}, **common)
-    b = sweep(model, {"diff-means": vector}, DIFF_STRENGTHS, prompts, mean_norms={last: norm}, **common)
-    extra = [sweep(model, also, [1.0], prompts, mean_norms={last: norm}, **common)] if also else []  # lambda 1 only
-    generations = pd.concat([a.generations] + [r.generations[r.generations["method"] != "unsteered"] for r in (b, *extra)],
-                            ignore_index=True)
-    steered.update(also)
+    summary = {"sites": sites, "n_source": len(source), "n_target": len(target), "diff_means_site": last, "mean_norm": norm,
+               "units_total": len(sites) * model.cfg.d_model, "chosen_on_dev": chosen,
+               "fit_seconds": {name: m.info.get("seconds") for name, m in maps.items()}, "n_test_prompts": len(prompts)}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    for name, vector, strengths in test_plan(maps, chosen, args, lambda: diff_in_means(model, concept, last)):
+        sweep(model, {name: vector}, strengths, prompts, scorer=VaderScorer(), mean_norms={last: norm},
+              max_new_tokens=args.new_tokens, out=args.out / "test")
+    write_report(maps, chosen, args)
+
+
+def test_plan(maps: dict, chosen: str, args, diff_means=None) -> list:
+    """(name, maps or vector, strengths) in the order they are generated."""
+    plan = [(name, maps[name], MAP_STRENGTHS) for name in dict.fromkeys([lineas_name(0.0), chosen, "mean-act", "linear-act"])]
+    plan.append(("diff-means", diff_means() if diff_means else None, DIFF_STRENGTHS))
+    plan += [(lineas_name(float(g)), maps[lineas_name(float(g))], (1.0,)) for g in args.also_test.split(",") if g]
+    return plan
+
+
+def write_report(maps: dict, chosen: str, args) -> None:
+    """Table and plot from the generations on disk (``--stage report`` draws them for a partial run)."""
+    from interp.steering import VaderScorer
+    from interp.steering.sweep import SweepResult, summarise
+
+    folder = args.out / "test" / "generations"
+    wanted = [("unsteered", 0.0)] + [(name, s) for name, _, strengths in test_plan(maps, chosen, args) for s in strengths]
+    found = [(name, s) for name, s in wanted if (folder / f"{name}@{s:g}.jsonl").is_file()]
+    missing = [f"{name}@{s:g}" for name, s in wanted if (name, s) not in found]
+    generations = pd.concat([pd.read_json(folder / f"{name}@{s:g}.jsonl", lines=True) for name, s in found], ignore_index=True)
     result = SweepResult(summarise(generations), generations, VaderScorer.description)
     result.save(args.out / "test")
-    units = {name: sum(m.active_units().values()) for name, m in steered.items()}
+    units = {name: sum(m.active_units().values()) for name, m in maps.items()}
     table = result.table.drop(columns=["tokens", "added_norm"])
     table["units_changed"] = table["method"].map(units)
     table.to_csv(args.out / "test" / "table.csv", index=False)
     fig = result.plot()
-    fig.update_layout(title=f"Sentiment steering on {len(prompts)} held-out prompts: maps at lambda, difference-in-means at x mean norm")
+    n = int(table["n"].iloc[0])
+    fig.update_layout(title=f"Sentiment steering on {n} held-out prompts: maps at lambda, difference-in-means at x mean norm")
     FIGURES.mkdir(exist_ok=True)
     fig.write_html(FIGURES / "lineas_sentiment.html", include_plotlyjs="cdn")  # runs/.../test/sweep.html works offline
     try:
         fig.write_image(FIGURES / "lineas_sentiment.png", width=1400, height=460)
     except Exception as err:  # kaleido needs a Chromium (make browser)
         print(f"no PNG written ({err})")
-    summary = {"sites": sites, "n_source": len(source), "n_target": len(target), "diff_means_site": last, "mean_norm": norm,
-               "units_changed": units, "units_total": len(sites) * model.cfg.d_model, "chosen_on_dev": chosen,
-               "fit_seconds": {name: m.info.get("seconds") for name, m in maps.items()}, "n_test_prompts": len(prompts)}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"wrote {args.out}/test/table.csv, sweep.html, generations.jsonl; {args.out}/summary.json; "
-          f"{FIGURES}/lineas_sentiment.html, .png")
+    print(f"wrote {args.out}/test/table.csv, sweep.html, generations.jsonl; {FIGURES}/lineas_sentiment.html, .png"
+          + (f"; not generated yet: {', '.join(missing)}" if missing else ""))
 
 
 if __name__ == "__main__":
