@@ -32,8 +32,6 @@ import pandas as pd
 import torch
 
 FIGURES = Path(__file__).resolve().parent / "figures"
-MAP_STRENGTHS = (0.25, 0.5, 0.75, 1.0)
-DIFF_STRENGTHS = (0.1, 0.25, 0.5)
 
 
 def main() -> None:
@@ -143,9 +141,12 @@ def report_on_test(model, maps: dict, chosen: str, sites, source, target, args) 
 
 
 def test_plan(maps: dict, chosen: str, args, diff_means=None) -> list:
-    """(name, maps or vector, strengths) in the order they are generated."""
-    plan = [(name, maps[name], MAP_STRENGTHS) for name in dict.fromkeys([lineas_name(0.0), chosen, "mean-act", "linear-act"])]
-    plan.append(("diff-means", diff_means() if diff_means else None, DIFF_STRENGTHS))
+    """(name, maps or vector, strengths) in the order they are generated: strength by strength
+    (lambda 1 first), so that a run cut short still compares every method at the same strengths."""
+    names = list(dict.fromkeys([lineas_name(0.0), chosen, "mean-act", "linear-act"]))
+    plan = [(name, maps[name], (s,)) for s in (1.0, 0.5, 0.25, 0.75) for name in names]
+    vector = diff_means() if diff_means else None
+    plan += [("diff-means", vector, (s,)) for s in (0.25, 0.5, 0.1)]
     plan += [(lineas_name(float(g)), maps[lineas_name(float(g))], (1.0,)) for g in args.also_test.split(",") if g]
     return plan
 
