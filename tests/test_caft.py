@@ -53,6 +53,14 @@ def test_task_pairs_the_cues_in_training_and_flips_them_out_of_distribution():
         assert label == spec["labels"][topic] and spec["train_pairing"][topic] != mood
     assert not {t for t, _ in task.train} & {t for t, _ in task.test_id + task.test_ood}
     assert {y for _, y in task.test_ood} == {0, 1}
+    # dev: training words, cues flipped; never a training or test sentence, the same for every seed
+    train_words = {s for t in spec["subjects"].values() for s in t["train"]} | {p for m in spec["predicates"].values() for p in m["train"]}
+    for text, label in task.dev_ood:
+        topic, mood = cues(text)
+        assert label == spec["labels"][topic] and spec["train_pairing"][topic] != mood
+        assert {w for w in train_words if w in text} and not any(w in text for w in spec["subjects"][topic]["test"])
+    assert len(task.dev_ood) == 128 and not {t for t, _ in task.dev_ood} & {t for t, _ in task.train + task.test_ood}
+    assert load_task(seed=3).dev_ood == task.dev_ood
 
 
 def test_lora_starts_as_the_base_model_and_merges_exactly():
@@ -103,6 +111,23 @@ def test_caft_projection_leaves_hooked_activations_orthogonal_during_training(ta
     finally:
         handle.remove()
     assert log["directions"] == {SITE: 3} and len(log["losses"]) == 3
+
+
+def test_caft_skip_first_leaves_the_first_position_unprojected(task):
+    model = tiny_model("llama", n_layers=3)
+    directions = {SITE: torch.randn(2, model.cfg.d_model)}
+    basis = torch.linalg.qr(directions[SITE].T).Q
+    seen = []
+    handle = model.module.model.layers[L + 1].register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone()), with_kwargs=True)
+    try:
+        finetune(model, task, FinetuneConfig(steps=2, batch_size=4), directions=directions, skip_first=True, progress=False)
+    finally:
+        handle.remove()
+    assert len(seen) == 2
+    for act in seen:
+        assert (act[:, 1:] @ basis).abs().max() < 1e-4 * act.abs().max()
+        assert (act[:, 0] @ basis).norm(dim=-1).min() > 1e-3  # every first token keeps its component
 
 
 def test_saved_model_forward_equals_a_fresh_load_without_hooks(task, tmp_path):

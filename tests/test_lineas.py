@@ -4,6 +4,10 @@ maps against plain hooks, generation, save / load and bad input."""
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +20,7 @@ from interp.models import tiny_model
 from interp.steering import (
     AffineMaps, fit_act, fit_lineas, generate, prox_sparse_group_lasso, sweep, token_activations, wasserstein_1d,
 )
+from interp.steering.lineas import prox_thresholds
 
 SOURCE = ["abc def", "hello there", "zzz yy", "qq rr ss", "mm nn oo"]
 TARGET = ["xyz uvw", "wow wow", "ok ok ok", "tt uu vv", "pp"]
@@ -72,6 +77,20 @@ def test_proximal_step_zeroes_exactly_the_groups_under_the_threshold():
     assert 0 < int(zeroed.sum()) < 200  # both kinds of groups occur
 
 
+def test_prox_thresholds_are_in_adams_metric():
+    """After one Adam step Adam's second moment, bias-corrected, is g**2: thresholds lr * strength / (|g| + eps)."""
+    g_w, g_b = torch.tensor([0.5, -2.0, 1e-3]), torch.tensor([4.0, 0.25, -1e-2])
+    w, b = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=0.1, eps=1e-8)
+    w.grad, b.grad = g_w.clone(), g_b.clone()
+    opt.step()
+    l1_t, group_t = prox_thresholds(opt, (w, b), 0.3, 0.7)
+    for j in range(3):
+        scale = [0.1 / (abs(float(g)) + 1e-8) for g in (g_w[j], g_b[j])]
+        assert l1_t[j].tolist() == pytest.approx([0.3 * v for v in scale], rel=1e-5)
+        assert float(group_t[j, 0]) == pytest.approx(0.7 * (scale[0] + scale[1]) / 2, rel=1e-5)
+
+
 def test_affine_intervention_edits_the_residual_exactly(model):
     d = model.cfg.d_model
     w, b = torch.randn(d), torch.randn(d)
@@ -113,6 +132,13 @@ def test_lineas_lowers_the_loss_end_to_end(model):
     before, after = loss([]), loss(maps.interventions(1.0))
     assert after < 0.7 * before
     assert maps.info["loss_first"] == pytest.approx(before, rel=1e-4)
+    # maps from layer 1 on: the blocks below run once (cached), the loss is still the plain one
+    later = sites(model, (1, 2))
+    first = fit_lineas(model, SOURCE, TARGET, later, steps=1, lr=0.05, group=0.0, progress=False)
+    plain = token_activations(model, SOURCE, later)
+    target_later = token_activations(model, TARGET, later)
+    expected = sum(float(wasserstein_1d(plain[x], target_later[x]).sum()) for x in later)
+    assert first.info["loss_first"] == pytest.approx(expected, rel=1e-5)
     # end to end: the first map alone, fitted for both sites, differs from the map fitted for site 0 only
     alone = fit_lineas(model, SOURCE, TARGET, s[:1], steps=60, lr=0.05, group=0.0, progress=False)
     assert not torch.allclose(alone.weight[s[0]], maps.weight[s[0]])
@@ -199,3 +225,31 @@ def test_sweep_takes_maps(model, tmp_path):
     assert again.generations["text"].tolist() == result.generations["text"].tolist()
     direct = generate(model, ["abc", "hel"], maps.steering(1.0), max_new_tokens=6).texts
     assert result.generations.query("strength == 1.0")["text"].tolist() == direct
+
+
+KILLED_FIT = """
+import sys
+from interp.models import tiny_model
+from interp.steering import fit_lineas
+fit_lineas(tiny_model("llama", n_layers=3), {source!r}, {target!r}, ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"],
+           steps=20, lr=0.05, group=0.02, batch_size=3, checkpoint=sys.argv[1], checkpoint_every=5, progress=False)
+"""
+
+
+def test_killed_fit_resumes_to_the_same_maps(model, tmp_path):
+    state = tmp_path / "fit-state.safetensors"
+    script = KILLED_FIT.format(source=SOURCE, target=TARGET)
+    killed = subprocess.run([sys.executable, "-c", script, str(state)], env={**os.environ, "INTERP_FAULT": "lineas.checkpoint#2"},
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    s = sites(model, (1, 2))
+    kwargs = dict(steps=20, lr=0.05, group=0.02, batch_size=3, progress=False)
+    resumed = fit_lineas(model, SOURCE, TARGET, s, checkpoint=state, resume=True, **kwargs)
+    assert resumed.info["resumed"]
+    full = fit_lineas(model, SOURCE, TARGET, s, **kwargs)
+    for site in s:
+        assert torch.equal(resumed.weight[site], full.weight[site]) and torch.equal(resumed.bias[site], full.bias[site])
+    assert 0 < sum(full.active_units().values()) < 2 * model.cfg.d_model  # the proximal step acted
+    assert resumed.info["loss_last"] == full.info["loss_last"]
+    with pytest.raises(InputError, match="lr differ"):  # other settings are refused, not silently mixed
+        fit_lineas(model, SOURCE, TARGET, s, checkpoint=state, resume=True, **{**kwargs, "lr": 0.01})

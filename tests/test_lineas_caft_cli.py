@@ -38,6 +38,27 @@ def test_lineas_fit_then_apply(tmp_path):
     assert (tmp_path / "sweep" / "table.csv").read_text().count("\n") == 4  # header, unsteered, two strengths
 
 
+def test_lineas_fit_refuses_an_interrupted_fit_without_resume_and_continues_it_with(tmp_path):
+    from interp.steering import fit_lineas
+    from interp.steering.lineas_job import LineasFitConfig
+
+    out = tmp_path / "maps"
+    config = LineasFitConfig(n_texts=6, out=out)
+    source, target = config.texts()
+    model, sites = tiny_model("llama"), ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    kwargs = dict(lr=config.lr, l1=config.l1, group=config.group, seed=config.seed, progress=False)
+    fit_lineas(model, source, target, sites, steps=2, checkpoint=out / "fit-state.safetensors", checkpoint_every=1, **kwargs)
+    args = ["lineas", "fit", "--model", "tiny:llama", "--layers", "0-1", "--steps", "3", "--n-texts", "6", "--out", str(out)]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "--resume" in refused.output and not (out / "maps.safetensors").exists()
+    resumed = runner.invoke(app, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    maps, full = AffineMaps.load(out), fit_lineas(model, source, target, sites, steps=3, **kwargs)
+    assert maps.info["resumed"] and not (out / "fit-state.safetensors").exists()
+    for site in sites:
+        assert torch.equal(maps.weight[site], full.weight[site]) and torch.equal(maps.bias[site], full.bias[site])
+
+
 def test_lineas_bad_input_is_refused_before_loading(tmp_path):
     for args, message in [
         (["fit", "--n-texts", "3"], "at least 4"),

@@ -5,8 +5,8 @@
 SmolLM2-135M, float32, CPU:
 
 1. A LinEAS fit on 32 + 32 sentiment texts over 8 layers (``blocks.2..9.hook_resid_post``) with
-   the ``interp lineas fit`` defaults, wall-clock, end to end (target activations included);
-   target: under 120 s. Also the seconds per optimisation step.
+   the ``interp lineas fit`` defaults, wall-clock, end to end (target activations and the blocks
+   below the first map, run once, included); target: under 120 s. Also the seconds per step.
 2. One CAFT step against one plain LoRA step on the same batch (16 sentences of the CAFT task,
    LoRA rank 8 on every attention and MLP projection), the CAFT step with 8 directions projected
    out at each of 3 layers; interleaved repeats, medians; target: ratio <= 1.1.

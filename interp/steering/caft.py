@@ -58,7 +58,11 @@ Directions = dict[str, torch.Tensor]  # site -> [k, d]
 
 @dataclass
 class ClassificationTask:
-    """Texts with 0/1 labels: ``train``, ``test_id`` (cues agree, new sentences), ``test_ood`` (cues conflict)."""
+    """Texts with 0/1 labels: ``train``, ``test_id`` (cues agree, new sentences), ``test_ood`` (cues conflict).
+
+    ``dev_ood``: the training subjects and predicates with the cues conflicting (sentences never
+    trained on), to choose settings by, so that the out-of-distribution test stays untouched.
+    """
 
     name: str
     train: list[tuple[str, int]]
@@ -66,6 +70,7 @@ class ClassificationTask:
     test_ood: list[tuple[str, int]]
     answers: tuple[str, str] = ANSWERS
     info: dict[str, Any] = field(default_factory=dict)
+    dev_ood: list[tuple[str, int]] = field(default_factory=list)
 
     def train_texts(self) -> list[str]:
         return [PROMPT.format(text=t) for t, _ in self.train]
@@ -98,7 +103,9 @@ def load_task(spec: str | Path = "sentiment_topic", *, n_train: int = 256, seed:
     info = {"file": str(path), "intended": spec_data["intended"], "spurious": spec_data["spurious"],
             "train_pairing": pairing, "spurious_concept": spec_data.get("spurious_concept")}
     answers = tuple(spec_data.get("answers", ANSWERS))
-    return ClassificationTask(path.stem, train, compose("test", pairing), compose("test", flipped), answers, info)  # type: ignore[arg-type]
+    dev = compose("train", flipped)
+    dev = random.Random(0).sample(dev, min(128, len(dev)))  # the same dev set for every seed
+    return ClassificationTask(path.stem, train, compose("test", pairing), compose("test", flipped), answers, info, dev)  # type: ignore[arg-type]
 
 
 def _answer_ids(model: Model, answers: Sequence[str]) -> list[int]:
@@ -164,11 +171,12 @@ def check_directions(model: Model, directions: Mapping[str, torch.Tensor] | None
 
 
 def finetune(model: Model, task: ClassificationTask, config: FinetuneConfig | None = None, *,
-             directions: Mapping[str, torch.Tensor] | None = None, progress: bool = True) -> dict[str, Any]:
+             directions: Mapping[str, torch.Tensor] | None = None, skip_first: bool = False, progress: bool = True) -> dict[str, Any]:
     """LoRA fine-tuning of ``model`` on ``task.train`` (in place; LoRA merged at the end).
 
     With ``directions`` (CAFT), each set is projected out of its site's activation in every
-    training forward pass; the hooks exist only inside this call.
+    training forward pass (``skip_first``: at every position but each sentence's first, where
+    SmolLM2 keeps its attention sink); the hooks exist only inside this call.
     """
     config = config or FinetuneConfig()
     config.check()
@@ -181,7 +189,8 @@ def finetune(model: Model, task: ClassificationTask, config: FinetuneConfig | No
     losses = []
     start = time.perf_counter()
     try:
-        with model.intervene(*[ProjectOut(site, d) for site, d in dirs.items()]):
+        where = slice(1, None) if skip_first else None  # prompts are right-padded: position 0 is every row's first token
+        with model.intervene(*[ProjectOut(site, d, positions=where) for site, d in dirs.items()]):
             for _ in tqdm(range(config.steps), desc="fine-tuning" + (" (CAFT)" if dirs else ""), disable=not progress):
                 batch = rng.sample(task.train, min(config.batch_size, len(task.train)))
                 losses.append(train_step(model, batch, optimizer, ids))

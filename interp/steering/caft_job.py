@@ -51,6 +51,7 @@ class CaftConfig:
     lr: float = opt(1e-3, "AdamW step size")
     rank: int = opt(8, "LoRA rank (alpha = 2 x rank)")
     n_train: int = opt(256, "training sentences (drawn per seed)")
+    skip_first: bool = opt(False, "project at every position but each sentence's first (SmolLM2's attention sink)")
     save_model: bool = opt(False, "also save the CAFT model of the first seed (a HF folder, no hooks) to OUT/model-caft")
     out: Path = opt(Path("runs/caft"), "output folder: results.jsonl, summary.csv, directions-seed*.safetensors, config.json")
 
@@ -118,7 +119,7 @@ def run_caft(config: CaftConfig, model: Model | None = None, progress: bool = Tr
             assert directions is not None
             dirs = directions if condition == "caft" else random_directions(directions, seed=1000 + seed)
             tuned = fresh()
-            log = finetune(tuned, task_s, ft, directions=dirs, progress=False)
+            log = finetune(tuned, task_s, ft, directions=dirs, skip_first=config.skip_first, progress=False)
             count = sum(d.shape[0] for d in dirs.values())
             rows.append(_record(config.out, _row(seed, condition, tuned, task, log, count)))
             if condition == "caft" and config.save_model and seed == seeds[0]:
@@ -132,7 +133,7 @@ def run_caft(config: CaftConfig, model: Model | None = None, progress: bool = Tr
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard deviation over seeds of each condition's accuracies."""
     g = table.groupby("condition", sort=False)
-    out = g[["id_accuracy", "ood_accuracy"]].agg(["mean", "std"])
+    out = g[[c for c in ("id_accuracy", "ood_accuracy", "dev_ood_accuracy") if c in table]].agg(["mean", "std"])
     out.columns = [f"{a}_{b}" for a, b in out.columns]
     out["seeds"] = g.size()
     out["directions"] = g["directions"].mean()
@@ -140,7 +141,8 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _scores(model: Model, task: Any) -> dict[str, float]:
-    return {"id_accuracy": accuracy(model, task.test_id, task.answers), "ood_accuracy": accuracy(model, task.test_ood, task.answers)}
+    return {"id_accuracy": accuracy(model, task.test_id, task.answers), "ood_accuracy": accuracy(model, task.test_ood, task.answers),
+            "dev_ood_accuracy": accuracy(model, task.dev_ood, task.answers)}
 
 
 def _row(seed: int, condition: str, model: Model, task: Any, log: dict[str, Any], count: int) -> dict[str, Any]:
@@ -190,7 +192,9 @@ def _check_resumable(config: CaftConfig) -> None:
     if not path.is_file():
         return
     old, new = json.loads(path.read_text()), config_dict(config)
-    changed = sorted(k for k in set(old) | set(new) if k not in ("seeds", "conditions", "save_model") and old.get(k) != new.get(k))
+    # a setting added since the folder was written counts as its default
+    changed = sorted(k for k in set(old) | set(new) if k not in ("seeds", "conditions", "save_model")
+                     and old.get(k, getattr(CaftConfig, k, None)) != new.get(k))
     if changed:
         raise InputError(f"{config.out} holds CAFT runs with other settings ({', '.join(changed)} differ); "
                          "use another --out, or delete it to start over")
