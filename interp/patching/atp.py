@@ -39,13 +39,7 @@ import torch
 import interp
 from interp.errors import InputError
 from interp.models.hooks import StopForward, replace_hidden_input, tap_scores
-from interp.patching.activation import (
-    DEFAULT_KINDS,
-    Cell,
-    cell_region,
-    cell_table,
-    plan,
-)
+from interp.patching.activation import DEFAULT_KINDS, Cell, cell_region, cell_table, plan
 from interp.patching.attribution import gradients_at
 from interp.patching.result import PatchingResult
 from interp.patching.rules import Rules
