@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -24,3 +25,13 @@ def shakespeare():
     from interp.data import load_corpus
 
     return load_corpus("shakespeare")
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+    """A few hundred kB of varied text (byte-level tokens for the tiny models), for harvest tests."""
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "quiet", "seven", "north", "ember", "tide"]
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text(" ".join(rng.choice(words, size=60_000)))
+    return path

@@ -46,15 +46,6 @@ def one_thread():
 # ----------------------------------------------------------------------------- harvest
 
 
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "quiet", "seven", "north", "ember", "tide"]
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(" ".join(rng.choice(words, size=30_000)))
-    return path
-
-
 def harvest_args(out: Path, corpus: Path) -> list[str]:
     return ["harvest", "--model", "tiny:llama", "--sites", SITES, "--tokens", "6000", "--context-len", "32",
             "--batch-size", "8", "--shard-contexts", "32", "--corpus", str(corpus), "--out", str(out)]

@@ -23,16 +23,6 @@ SITES = "blocks.1.hook_resid_post,blocks.0.mlp.hook_post"
 
 
 @pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    """A few hundred kB of varied text (byte-level tokens for the tiny models)."""
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "quiet", "seven", "north", "ember", "tide"]
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(" ".join(rng.choice(words, size=60_000)))
-    return path
-
-
-@pytest.fixture(scope="module")
 def model():
     return tiny_model("llama", n_layers=2)
 
