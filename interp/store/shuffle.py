@@ -41,37 +41,29 @@ class RowPermutation:
         """The rows (int64) at epoch ``positions`` (an int array or a slice of ``range(n)``)."""
         if isinstance(positions, slice):
             start, stop, step = positions.indices(self.n)
-            x = np.arange(start, stop, step, dtype=np.uint64)
-        else:
-            x = np.asarray(positions).astype(np.uint64, copy=False)
-            if x.size and (int(x.max()) >= self.n or int(np.asarray(positions).min()) < 0):
-                raise IndexError(f"positions must be in [0, {self.n})")
+            positions = np.arange(start, stop, step, dtype=np.uint64)
+        x = np.asarray(positions).astype(np.uint64)
+        if x.size and int(x.max()) >= self.n:
+            raise IndexError(f"positions must be below {self.n}")
         y = self._rounds(x)
         outside = np.flatnonzero(y >= self.n)
         while outside.size:  # cycle walking: at most a few steps, on a handful of positions
             y[outside] = self._rounds(y[outside])
             outside = outside[y[outside] >= self.n]
-        return y.view(np.int64)  # every row is below n < 2^63
+        return y.astype(np.int64)
 
     def _rounds(self, x: np.ndarray) -> np.ndarray:
         m = np.uint64(self.m)
         left, right = np.divmod(x, m)
-        z, f = np.empty_like(x), np.empty_like(x)
         with np.errstate(over="ignore"):  # the hash multiplies modulo 2^64 on purpose
             for key in self.keys:
                 # F(R): the high 32 bits of splitmix64(R ^ key), scaled onto [0, m) without a division
-                np.bitwise_xor(right, key, out=z)
-                z ^= z >> _S30
-                z *= _MIX1
-                z ^= z >> _S27
-                z *= _MIX2
+                z = right ^ key
+                z = (z ^ (z >> _S30)) * _MIX1
+                z = (z ^ (z >> _S27)) * _MIX2
                 z ^= z >> _S31
-                np.right_shift(z, _HIGH, out=f)
-                f *= m
-                f >>= _HIGH
-                left += f  # (L + F(R)) mod m, written into L's array, which becomes the new R
-                left -= m * (left >= m)
-                left, right = right, left
-            left *= m
-            left += right
-            return left
+                f = ((z >> _HIGH) * m) >> _HIGH
+                total = left + f
+                total -= m * (total >= m)
+                left, right = right, total
+            return left * m + right
