@@ -8,7 +8,9 @@ A variant is a schedule:
   old          the defaults before the short-budget rule: lr 2e-4/sqrt(latents/16384), 50 warm-up steps, batch 4096
   rule         the defaults now (interp.dictionary.schedule: batch, lr and warm-up from the budget and width)
   rule*F       the rule with its learning rate times F
-  lr=X         the rule's batch size and warm-up with learning rate X (also batch=N, warmup=N; comma-joined)
+  lr=X         the rule's batch size and warm-up with learning rate X
+  V,seed=N     variant V (old, rule, rule*F) with another seed; overrides lr=X, batch=N, warmup=N, seed=N
+               may follow any of them, comma-joined (the table groups seeds of one schedule)
 
 STORE must hold blocks.{L}.hook_resid_post for every layer; its last --eval-tokens rows are the
 held-out rows of every run. Each run writes runs/short_budget/L{layer}/{budget}/{variant}/ and is
@@ -29,21 +31,26 @@ METRICS = ("fvu", "fvu_inliers", "dead_fraction", "ce_recovered", "kl", "l0")
 
 
 def variant_settings(variant: str, tokens: int, latents: int) -> dict:
-    """Explicit TrainConfig settings (batch_size, lr, warmup_steps) for a variant name."""
+    """Explicit TrainConfig settings (batch_size, lr, warmup_steps, seed) for a variant name."""
     from interp.dictionary.schedule import long_run_lr, resolve_schedule
 
-    if variant == "old":
-        return {"batch_size": 4096, "lr": long_run_lr(latents), "warmup_steps": 50}
-    if variant == "rule":
-        return {}
-    if variant.startswith("rule*"):
-        return {"lr": resolve_schedule(tokens, latents).lr * float(variant[5:])}
-    settings = {}
-    for part in variant.split(","):
+    base, *overrides = variant.split(",")
+    if "=" in base:
+        base, overrides = "rule", [base, *overrides]
+    if base == "old":
+        settings = {"batch_size": 4096, "lr": long_run_lr(latents), "warmup_steps": 50}
+    elif base == "rule":
+        settings = {}
+    elif base.startswith("rule*"):
+        settings = {"lr": resolve_schedule(tokens, latents).lr * float(base[5:])}
+    else:
+        raise SystemExit(f"variant {variant!r}: expected old, rule or rule*F, then optional ,lr=X ,batch=N ,warmup=N ,seed=N")
+    keys = {"lr": "lr", "batch": "batch_size", "warmup": "warmup_steps", "seed": "seed"}
+    for part in overrides:
         key, _, value = part.partition("=")
-        if key not in ("lr", "batch", "warmup") or not value:
-            raise SystemExit(f"variant {variant!r}: expected old, rule, rule*F or lr=X[,batch=N][,warmup=N]")
-        settings[{"lr": "lr", "batch": "batch_size", "warmup": "warmup_steps"}[key]] = float(value) if key == "lr" else int(value)
+        if key not in keys or not value:
+            raise SystemExit(f"variant {variant!r}: unknown override {part!r} (lr=X, batch=N, warmup=N, seed=N)")
+        settings[keys[key]] = float(value) if key == "lr" else int(value)
     return settings
 
 
@@ -106,7 +113,13 @@ def main() -> None:
     (RESULTS / f"table-L{'-'.join(map(str, layers))}.md").write_text(table + "\n")
 
 
+def schedule_of(variant: str) -> str:
+    """The variant without its seed override: runs that differ only in seed share a schedule."""
+    return ",".join(part for part in variant.split(",") if not part.startswith("seed="))
+
+
 def format_table(results: dict, layers: list[int], budgets: list[str], variants: list[str]) -> str:
+    """One row per run; where a schedule ran with several seeds, a row of their means follows."""
     lines = ["| layer | tokens | schedule | batch x steps | lr | warm-up | FVU | FVU inliers | dead | CE recovered | KL | train s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for layer in layers:
@@ -122,6 +135,12 @@ def format_table(results: dict, layers: list[int], budgets: list[str], variants:
                 lines.append(f"| {layer} | {budget} | {variant} | {r['batch_size']} x {r['steps']} | {r['lr']:.3g} | {r['warmup_steps']} "
                              f"| {r['fvu']:.4f}{mark} | {r['fvu_inliers']:.4f} | {r['dead_fraction']:.1%} | {r['ce_recovered']:.4f} "
                              f"| {r['kl']:.3f} | {r['train_seconds']:.0f} |")
+            for schedule in dict.fromkeys(map(schedule_of, variants)):
+                runs = [r for v, r in rows.items() if schedule_of(v) == schedule and r is not None]
+                if len(runs) > 1:
+                    mean = {m: sum(r[m] for r in runs) / len(runs) for m in ("fvu", "fvu_inliers", "dead_fraction", "ce_recovered", "kl")}
+                    lines.append(f"| {layer} | {budget} | {schedule}, mean of {len(runs)} seeds | | | | {mean['fvu']:.4f} "
+                                 f"| {mean['fvu_inliers']:.4f} | {mean['dead_fraction']:.1%} | {mean['ce_recovered']:.4f} | {mean['kl']:.3f} | |")
     return "\n".join(lines)
 
 

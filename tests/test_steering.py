@@ -253,6 +253,18 @@ def test_sweep_writes_resumes_and_refuses_other_settings(model, tmp_path, monkey
         sweep(model, vectors, [1, float("nan")], prompts, **args)
 
 
+def test_sweep_resumes_across_float_noise_in_mean_norms(model, tmp_path):
+    # A mean norm recomputed with another thread count differs in its last digits: resume anyway;
+    # a really different norm changes what "strength 1" means: refuse.
+    vector = {"a": SteeringVector(SITE, torch.randn(model.cfg.d_model))}
+    args = dict(units="norm", max_new_tokens=2, out=tmp_path / "s", progress=False)
+    sweep(model, vector, [0, 1], ["abc"], mean_norms={SITE: 10.0}, **args)
+    again = sweep(model, vector, [0, 1], ["abc"], mean_norms={SITE: 10.0 * (1 + 1e-9)}, **args)
+    assert len(again.table) == 2
+    with pytest.raises(InputError, match="mean_norms differ"):
+        sweep(model, vector, [1], ["abc"], mean_norms={SITE: 10.5}, **args)
+
+
 def test_generate_rejects_bad_input_before_running(model):
     with pytest.raises(InputError, match="no prompts"):
         generate(model, [])

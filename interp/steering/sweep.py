@@ -196,7 +196,7 @@ def _prepare(out: Path, settings: dict[str, Any]) -> Path:
     merged = dict(settings)
     if path.is_file():  # strengths and new vectors may be added to a sweep; nothing else may change
         old = json.loads(path.read_text())
-        changed = sorted(k for k in set(old) | set(settings) if k != "vectors" and old.get(k) != settings.get(k))
+        changed = sorted(k for k in set(old) | set(settings) if k != "vectors" and not _same_setting(old.get(k), settings.get(k)))
         changed += [f"vector {name!r}" for name, digest in settings["vectors"].items() if old["vectors"].get(name, digest) != digest]
         if changed:
             raise InputError(f"{out} holds a sweep with other settings ({', '.join(changed)} differ); "
@@ -206,6 +206,16 @@ def _prepare(out: Path, settings: dict[str, Any]) -> Path:
     folder = out / "generations"
     folder.mkdir(exist_ok=True)
     return folder
+
+
+def _same_setting(old: Any, new: Any) -> bool:
+    """Equal, floats up to 1e-6 relative: a mean norm recomputed with another thread count differs in
+    its last digits, and that must not stop a sweep from resuming."""
+    if isinstance(old, float) and isinstance(new, float):
+        return math.isclose(old, new, rel_tol=1e-6)
+    if isinstance(old, dict) and isinstance(new, dict):
+        return old.keys() == new.keys() and all(_same_setting(old[k], new[k]) for k in old)
+    return old == new
 
 
 def _vector_digest(v: SteeringVector | AffineMaps) -> str:
