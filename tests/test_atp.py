@@ -9,6 +9,7 @@ import interp
 import interp.patching.atp as atp
 from interp.errors import InputError
 from interp.models import tiny_model
+from interp.models.hooks import tap_attention
 from interp.patching import Cell, activation_patching, atp_star, attribution_patching, pairs_task
 from interp.patching.attribution import gradients_at
 
@@ -75,6 +76,37 @@ def test_patched_queries_and_keys_of_several_sites_at_once_equal_a_real_patched_
         torch.testing.assert_close(patched[site]["q"], real[1]["q"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(patched[site]["k"], real[1]["k"], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(patched[sites[0]]["q"], patched[sites[1]]["q"])  # the sites' changes differ
+
+
+def test_attention_tap_sees_the_kernel_inputs_and_changes_nothing(saturated):
+    """A tap runs no eager attention: the forward stays the model's own, and the tap's score functions
+    rebuild the pattern that the pattern site (eager) reads."""
+    model, task = saturated
+    seen: list = []
+    with torch.no_grad():
+        plain = model(task.corrupt)
+        handle = tap_attention(atp._attention(model, 1), model.module.config, seen.append)
+        try:
+            tapped = model(task.corrupt)
+        finally:
+            handle.remove()
+        pattern = model.run_with_cache(task.corrupt, [model.site("pattern", 1)])[model.site("pattern", 1)]
+    assert torch.equal(plain, tapped) and len(seen) == 1
+    inputs = seen[0]
+    assert inputs.key.shape[1] < inputs.query.shape[1]  # grouped-query attention: keys come unrepeated
+    keys = inputs.key.repeat_interleave(inputs.query.shape[1] // inputs.key.shape[1], dim=1)
+    rebuilt = torch.softmax(inputs.masked(inputs.transform(inputs.query @ keys.transpose(-1, -2))), dim=-1)
+    torch.testing.assert_close(rebuilt, pattern)
+
+
+def test_pattern_gradient_from_head_outputs_equals_the_pattern_sites_gradient(saturated):
+    model, task = saturated
+    pattern, z = model.site("pattern", 1), model.site("z", 1)
+    qk: dict = {}
+    with atp._capture_qk(model, [1], qk):
+        _, grads = gradients_at(model, task, task.corrupt, [pattern, z], None)
+    assert float(grads[pattern].abs().max()) > 0
+    torch.testing.assert_close(atp._pattern_gradient(qk[1], grads[z]), grads[pattern], rtol=1e-5, atol=1e-7)
 
 
 def test_atp_star_is_closer_to_activation_patching_where_softmax_saturates(saturated):

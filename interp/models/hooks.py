@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -138,7 +139,7 @@ class PatternHook(SiteHook):
 
 
 _pattern_hooks: weakref.WeakKeyDictionary[nn.Module, dict[int, HookFn]] = weakref.WeakKeyDictionary()
-_score_taps: weakref.WeakKeyDictionary[nn.Module, dict[int, Callable]] = weakref.WeakKeyDictionary()
+_attention_taps: weakref.WeakKeyDictionary[nn.Module, dict[int, Callable]] = weakref.WeakKeyDictionary()
 _pattern_users: dict[int, list] = {}  # id(config) -> [number of attached hooks, saved implementation]
 _PREFIX = "interp_pattern:"
 
@@ -209,25 +210,33 @@ def pattern_attention(
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    softcap = kwargs.get("softcap")
+
+    def transform(dots: torch.Tensor) -> torch.Tensor:  # q.k -> score before the mask (Gemma 2 soft-caps)
+        return torch.tanh(dots * scale / softcap) * softcap if softcap else dots * scale
+
+    def masked(scores: torch.Tensor) -> torch.Tensor:
+        """What the softmax reads, from the transformed scores [..., query, key]."""
+        if attention_mask is None:  # the mask builder left causality to the kernel
+            n_q, n_k = scores.shape[-2:]
+            future = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).triu(n_k - n_q + 1)
+            return scores.masked_fill(future, torch.finfo(scores.dtype).min)
+        if attention_mask.dtype == torch.bool:
+            return scores.masked_fill(~attention_mask[..., : scores.shape[-1]], torch.finfo(scores.dtype).min)
+        return scores + attention_mask[..., : scores.shape[-1]]
+
+    for tap in list(_attention_taps.get(module, {}).values()):
+        tap(AttentionInputs(query, key, value, transform, masked))
+    hooks = list(_pattern_hooks.get(module, {}).values())
+    family_eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    original = ALL_ATTENTION_FUNCTIONS.get_interface(_pattern_users[id(module.config)][1], family_eager)
+    if not hooks and original is not None:  # only taps here: the model's own kernel, nothing eager
+        return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     groups = query.shape[1] // key.shape[1]
     keys = key.repeat_interleave(groups, dim=1) if groups > 1 else key  # grouped-query attention
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, keys.transpose(-1, -2)) * scale
-    softcap = kwargs.get("softcap")
-    if softcap:  # Gemma 2: logits soft-capped before the mask, as its eager path does
-        scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is None:  # the mask builder left causality to the kernel
-        q, k = scores.shape[-2:]
-        future = torch.ones(q, k, dtype=torch.bool, device=scores.device).triu(k - q + 1)
-        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
-    elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask[..., : keys.shape[-2]], torch.finfo(scores.dtype).min)
-    else:
-        scores = scores + attention_mask[..., : keys.shape[-2]]
-    for tap in list(_score_taps.get(module, {}).values()):
-        tap(query, keys, scores, lambda dots: torch.tanh(dots * scale / softcap) * softcap if softcap else dots * scale)
+    scores = masked(transform(torch.matmul(query, keys.transpose(-1, -2))))
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    hooks = list(_pattern_hooks.get(module, {}).values())
     frozen = any(fn is _freeze_pattern for fn in hooks)
     shown = pattern.detach() if frozen else pattern  # AH-rule: no gradient into queries and keys
     edited = shown
@@ -239,8 +248,6 @@ def pattern_attention(
     if edited is pattern or torch.equal(edited, pattern):
         # Unchanged: the model's own implementation computes the output, exactly as unhooked.
         # ("eager" is not in the registry: it is each family's own eager_attention_forward.)
-        family_eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-        original = ALL_ATTENTION_FUNCTIONS.get_interface(_pattern_users[id(module.config)][1], family_eager)
         if original is not None:
             out = original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)[0]
             if edited is not pattern and torch.is_grad_enabled():
@@ -262,15 +269,24 @@ def stop_pattern_gradient(attn: nn.Module, config: Any) -> RemovableHandle:
     return _PatternHandle(attn, config, _freeze_pattern)  # type: ignore[return-value]
 
 
-ScoreTap = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], None]
+@dataclass(frozen=True)
+class AttentionInputs:
+    """What an attention kernel is called with, as an attention tap sees it.
 
-
-def tap_scores(attn: nn.Module, config: Any, fn: ScoreTap) -> RemovableHandle:
-    """Until removed, ``fn(query, keys, scores, transform)`` sees every call of ``attn``.
-
-    ``query`` and ``keys`` [batch, head, position, head_dim] are what the scores are made of (after
-    rotary embeddings; keys repeated for grouped-query attention); ``scores`` is what the softmax
-    reads (scaled, soft-capped, masked); ``transform`` maps dot products q.k to scores before the
-    mask. ``fn`` may raise ``StopForward``. Attention runs through ``pattern_attention`` meanwhile.
+    ``query`` [batch, head, position, head_dim] and ``key`` / ``value`` [batch, kv_head, position,
+    head_dim], after rotary embeddings and before grouped-query repetition; ``transform`` maps dot
+    products q.k to scores (scaled, soft-capped) and ``masked`` applies the kernel's mask to them:
+    ``masked(transform(q @ keys^T))`` is what the softmax reads, keys repeated to the query heads.
     """
-    return _PatternHandle(attn, config, fn, _score_taps)  # type: ignore[return-value]
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    transform: Callable[[torch.Tensor], torch.Tensor]
+    masked: Callable[[torch.Tensor], torch.Tensor]
+
+
+def tap_attention(attn: nn.Module, config: Any, fn: Callable[[AttentionInputs], None]) -> RemovableHandle:
+    """Until removed, ``fn(inputs)`` sees every call of ``attn`` before its kernel runs (and may raise
+    ``StopForward``). The kernel itself is the model's own: a tap computes nothing extra."""
+    return _PatternHandle(attn, config, fn, _attention_taps)  # type: ignore[return-value]

@@ -15,9 +15,11 @@ where the linear estimate through queries and keys is (q' - q) . dM/dq + (k' - k
 attribution estimate of patching the queries and keys themselves. Everything downstream of the
 pattern stays linear. A cell at one position changes one query row (all its keys) and one key
 column (every later query) of each head; both are computed in closed form from the base scores,
-so the fix costs one call of each reading block up to its scores, with the components it reads
-stacked along the batch (none for ``resid_pre``, whose patched residual is the source run's own: its
-queries and keys are read off that run), plus O(heads x positions^2) arithmetic per cell.
+so the fix costs one call of each reading block up to its attention kernel, with the components it
+reads stacked along the batch (none for ``resid_pre``, whose patched residual is the source run's
+own: its queries and keys are read off that run), plus O(heads x positions^2) arithmetic per cell.
+No pattern is materialised in the model's runs: attention taps read queries, keys and values beside
+the model's own kernel, and dM/dpattern is dM/dz @ values^T (z: the heads' outputs).
 Cells of other kinds (heads' ``z``, MLP hidden, norms) get the attribution estimate.
 
 GradDrop (``grad_drop=True``) is the paper's second fix, against cancellation: one more backward
@@ -38,7 +40,7 @@ import torch
 
 import interp
 from interp.errors import InputError
-from interp.models.hooks import StopForward, replace_hidden_input, tap_scores
+from interp.models.hooks import AttentionInputs, StopForward, replace_hidden_input, tap_attention
 from interp.patching.activation import DEFAULT_KINDS, Cell, cell_region, cell_table, plan
 from interp.patching.attribution import gradients_at
 from interp.patching.result import PatchingResult
@@ -77,7 +79,7 @@ def atp_star(
     readers = _readers(model, sites)
     reading_layers = sorted(set(readers.values()))
     resid_sites = [model.site("resid_pre", r) for r in reading_layers]
-    pattern_sites = [model.site("pattern", r) for r in reading_layers]
+    z_sites = [model.site("z", r) for r in reading_layers]  # dM/dpattern = dM/dz . values
     # A resid_pre cell's patched residual is the source run's own, so where both runs share their
     # positions and mask, its reading layer's queries and keys are read off the source run. (Other
     # cells call the reading block with the base run's arguments: they hold masks and positions, which
@@ -93,7 +95,7 @@ def atp_star(
     for dropped in drops:
         qk: dict[int, dict[str, Any]] = {}
         with _capture_qk(model, reading_layers, qk), _drop_gradient(model, dropped):
-            acts, grads = gradients_at(model, task, base, list(dict.fromkeys(sites + resid_sites + pattern_sites)), rules,
+            acts, grads = gradients_at(model, task, base, list(dict.fromkeys(sites + resid_sites + z_sites)), rules,
                                            allow_cut=dropped is not None or model.active_interventions > 0)
         runs.append((acts, grads, qk))
     acts, _, qk = runs[0]
@@ -105,23 +107,25 @@ def atp_star(
         by_layer[layer].append(site)
     whole = {cell.site for cell in cells if cell.position is None}  # sites with an all-positions cell
 
-    estimates = torch.zeros(len(drops), len(cells), dtype=torch.float64)
-    for run, (acts_d, grads, qk_d) in enumerate(runs):
+    estimates = []  # per run, per cell
+    for acts_d, grads, qk_d in runs:
         fixes = {}  # site -> (exact minus linear effect through queries and keys: per position, all positions)
         for layer, layer_sites in by_layer.items():
             for site, fix in zip(layer_sites, _qk_fix(qk_d[layer], [patched[s] for s in layer_sites],
-                                                      grads[model.site("pattern", layer)],
+                                                      _pattern_gradient(qk_d[layer], grads[model.site("z", layer)]),
                                                       every_position=bool(whole & set(layer_sites))), strict=True):
                 fixes[site] = ((fix["each"] - fix["linear each"]).tolist(),
                                float(fix["all"] - fix["linear all"]) if "all" in fix else None)
         contributions = {site: (src[site] - acts_d[site]) * grads[site] for site in sites}
-        for i, cell in enumerate(cells):
+        run_estimates = []
+        for cell in cells:
             value = float(contributions[cell.site][cell_region(cell, model.site_table.info(cell.site))].sum())
             if cell.site in fixes and cell.head is None:
                 each, everywhere = fixes[cell.site]
                 value += everywhere if cell.position is None else each[cell.position]
-            estimates[run, i] = value
-    final = estimates[0] if not grad_drop else estimates[1:].abs().mean(0)
+            run_estimates.append(value)
+        estimates.append(run_estimates)
+    final = estimates[0] if not grad_drop else torch.tensor(estimates[1:], dtype=torch.float64).abs().mean(0).tolist()
     base_value = task.corrupt_value if direction == "denoising" else task.clean_value
     table = cell_table(model, task, cells, [base_value + float(e) for e in final])
     method = ("atp*" if rules is None else "relp+qk") + ("+graddrop" if grad_drop else "")
@@ -141,15 +145,16 @@ def _readers(model: Model, sites: list[str]) -> dict[str, int]:
 
 @contextlib.contextmanager
 def _capture_qk(model: Model, layers: list[int], into: dict[int, dict[str, Any]]):
-    """Keep queries, keys (with their gradients), scores and the score transform of ``layers``' attention,
-    and the arguments their blocks were called with."""
+    """Keep the queries and keys (with their gradients), values, and score functions of ``layers``'
+    attention, and the arguments their blocks were called with."""
 
     def tap(layer: int):
-        def fn(query: torch.Tensor, keys: torch.Tensor, scores: torch.Tensor, transform) -> None:
-            for t in (query, keys):
+        def fn(inputs: AttentionInputs) -> None:
+            for t in (inputs.query, inputs.key):
                 if t.requires_grad:
                     t.retain_grad()
-            into[layer].update(q=query, k=keys, scores=scores.detach(), transform=transform)
+            into[layer].update(q=inputs.query, k=inputs.key, v=inputs.value.detach(), transform=inputs.transform,
+                               masked=inputs.masked)
 
         return fn
 
@@ -160,13 +165,37 @@ def _capture_qk(model: Model, layers: list[int], into: dict[int, dict[str, Any]]
         return fn
 
     blocks = model.module.get_submodule(model.arch.layers)
-    handles = [tap_scores(_attention(model, layer), model.module.config, tap(layer)) for layer in layers]
+    handles = [tap_attention(_attention(model, layer), model.module.config, tap(layer)) for layer in layers]
     handles += [blocks[layer].register_forward_pre_hook(block_inputs(layer), with_kwargs=True) for layer in layers]
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _pattern_gradient(base: dict[str, Any], grad_z: torch.Tensor) -> torch.Tensor:
+    """dM/d(pattern) [batch, head, query, key] from dM/dz [batch, position, head, head_dim]: the heads'
+    outputs are pattern @ values, so no pattern has to be materialised in the gradient run."""
+    by_kv, by_head = _head_groups(base["q"], base["v"])
+    return by_head(by_kv(grad_z.transpose(1, 2).to(base["v"].dtype)) @ base["v"].transpose(-1, -2))
+
+
+def _head_groups(q: torch.Tensor, k: torch.Tensor):
+    """Grouped-query attention without repeating keys: ``by_kv`` views queries [..., n, heads, p, d] as
+    [..., n, kv_heads, group x p, d] (the heads sharing a key head are consecutive), so that they meet
+    their keys [..., n, kv_heads, p, d] in one product; ``by_head`` views its result back as
+    [..., n, heads, p, p]."""
+    n, heads, p, d = q.shape
+    kv = k.shape[-3]
+
+    def by_kv(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(*t.shape[:-4], n, kv, heads // kv * p, d)
+
+    def by_head(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(*t.shape[:-4], n, heads, p, t.shape[-1])
+
+    return by_kv, by_head
 
 
 def _attention(model: Model, layer: int) -> torch.nn.Module:
@@ -204,12 +233,12 @@ def _patched_qk(model: Model, readers: dict[str, int], acts, src, qk) -> dict[st
             changed = torch.cat([resid + (src[site] - acts[site]).to(resid.dtype) for site in layer_sites])
             seen: dict[str, torch.Tensor] = {}
 
-            def stop(query, keys, _scores, _transform, seen=seen):
-                seen["q"], seen["k"] = query, keys
+            def stop(inputs: AttentionInputs, seen=seen):
+                seen["q"], seen["k"] = inputs.query, inputs.key
                 raise StopForward
 
             args, kwargs = replace_hidden_input(*_repeat_batch(*qk[layer]["block inputs"], n, len(layer_sites)), changed)
-            handle = tap_scores(_attention(model, layer), model.module.config, stop)
+            handle = tap_attention(_attention(model, layer), model.module.config, stop)
             try:
                 blocks[layer](*args, **kwargs)
             except StopForward:
@@ -260,34 +289,35 @@ def _qk_fix(base: dict[str, Any], new: list[dict[str, torch.Tensor]], grad_patte
     # The model's own precision, at least float32 (float64 instead changed no estimate of the embedded IOI
     # sweep by more than 5e-7, at 1.4x the time).
     dtype = torch.promote_types(base["q"].dtype, torch.float32)
-    q, k = base["q"].detach().to(dtype), base["k"].detach().to(dtype)
+    q, k = base["q"].detach().to(dtype), base["k"].detach().to(dtype)  # keys: [n, kv_heads, p, d]
     dq = base["q"].grad.to(dtype) if base["q"].grad is not None else torch.zeros_like(q)
     dk = base["k"].grad.to(dtype) if base["k"].grad is not None else torch.zeros_like(k)
     q2, k2 = torch.stack([n["q"] for n in new]).to(dtype), torch.stack([n["k"] for n in new]).to(dtype)  # [sites, n, h, p, d]
+    # The linear estimate, on the keys as the kernel got them (a shared key's gradient is the sum over its heads).
+    linear_each = ((q2 - q) * dq).sum((-1, -3)) + ((k2 - k) * dk).sum((-1, -3))  # [sites, n, positions]
+    by_kv, by_head = _head_groups(q, k)
     transform = base["transform"]
-    scores = base["scores"].to(dtype)
-    blocked = base["scores"] <= torch.finfo(base["scores"].dtype).min / 2
+    transformed = transform(by_head(by_kv(q) @ k.transpose(-1, -2)))
+    scores = base["masked"](transformed)  # what the model's softmax read
+    blocked = scores <= torch.finfo(base["q"].dtype).min / 2
     blocked &= ~blocked.all(-1, keepdim=True)  # a row with every key blocked stays uniform, as in the model
     e, row_max = _exp_rows(scores, blocked)
     total = e.sum(-1, keepdim=True)
     pattern = e / total
     g = grad_pattern.to(dtype)
-    dots = q @ k.transpose(-1, -2)
-    transformed = transform(dots)
 
     def rescored(dots_new: torch.Tensor) -> torch.Tensor:
         return torch.where(blocked, scores, scores + transform(dots_new) - transformed)
 
-    linear_each = ((q2 - q) * dq).sum(-1) + ((k2 - k) * dk).sum(-1)  # [sites, n, h, positions]
-
     # The query at p changes row p (with the key at p changed too, on the diagonal).
-    row_dots = q2 @ k.transpose(-1, -2)
-    row_dots.diagonal(dim1=-2, dim2=-1).copy_((q2 * k2).sum(-1))
+    row_dots = by_head(by_kv(q2) @ k.transpose(-1, -2))
+    own_key = (by_kv(q2).unflatten(-2, (-1, k.shape[-2])) * k2.unsqueeze(-3)).sum(-1).flatten(-3, -2)  # q2_p . k2_p
+    row_dots.diagonal(dim1=-2, dim2=-1).copy_(own_key)
     row = (g * (_softmax(rescored(row_dots), blocked) - pattern)).sum(-1)  # [sites, n, h, p]
 
     # The key at p changes column p of every other row t: closed form from row t's log-partition.
     # [sites, n, h, t, p]: row t's score for key p when k_p changes (a blocked key stays blocked: zeroed below)
-    new_column = rescored(q @ k2.transpose(-1, -2)).masked_fill_(blocked, 0.0)
+    new_column = rescored(by_head(by_kv(q) @ k2.transpose(-1, -2))).masked_fill_(blocked, 0.0)
     lse = row_max + total.log()
     top = scores.argmax(-1, keepdim=True)
     without_top = row_max + e.scatter(-1, top, 0.0).sum(-1, keepdim=True).log()
@@ -299,10 +329,10 @@ def _qk_fix(base: dict[str, Any], new: list[dict[str, torch.Tensor]], grad_patte
     column = shrink * (weighted.sum(-1, keepdim=True) - weighted) + g * ((new_column - lse_new).exp_() - pattern)
     column.masked_fill_(blocked, 0.0)
     column.diagonal(dim1=-2, dim2=-1).zero_()  # row p is counted in ``row``
-    each, linear = (row + column.sum(-2)).sum((1, 2)), linear_each.sum((1, 2))
+    each, linear = (row + column.sum(-2)).sum((1, 2)), linear_each.sum(1)
     fixes = [{"each": each[i], "linear each": linear[i], "linear all": linear[i].sum()} for i in range(len(new))]
     if every_position:
-        changed = _softmax(rescored(q2 @ k2.transpose(-1, -2)), blocked)
+        changed = _softmax(rescored(by_head(by_kv(q2) @ k2.transpose(-1, -2))), blocked)
         everything = (g * (changed - pattern)).flatten(1).sum(1)
         for fix, value in zip(fixes, everything, strict=True):
             fix["all"] = value
