@@ -231,13 +231,17 @@ def pattern_attention(
     hooks = list(_pattern_hooks.get(module, {}).values())
     family_eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     original = ALL_ATTENTION_FUNCTIONS.get_interface(_pattern_users[id(module.config)][1], family_eager)
-    if not hooks and original is not None:  # only taps here: the model's own kernel, nothing eager
+    frozen = any(fn is _freeze_pattern for fn in hooks)
+    if original is not None and all(fn is _freeze_pattern for fn in hooks):
+        # Taps and the AH-rule only: the model's own kernel, nothing eager. The pattern is a function of
+        # the queries and keys alone, so holding it constant is detaching them.
+        if frozen:
+            query, key = query.detach(), key.detach()
         return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     groups = query.shape[1] // key.shape[1]
     keys = key.repeat_interleave(groups, dim=1) if groups > 1 else key  # grouped-query attention
     scores = masked(transform(torch.matmul(query, keys.transpose(-1, -2))))
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    frozen = any(fn is _freeze_pattern for fn in hooks)
     shown = pattern.detach() if frozen else pattern  # AH-rule: no gradient into queries and keys
     edited = shown
     for fn in hooks:
