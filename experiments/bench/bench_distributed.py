@@ -1,6 +1,6 @@
 """Scale-out throughput: 1-rank vs 2-rank harvest and SAE training under torchrun (issue: scale-out).
 
-    flock /work/notes/bench.lock nice -n 10 python experiments/bench/bench_distributed.py [--tokens 40k] [--steps 12]
+    python experiments/bench/bench_distributed.py [--tokens 40k] [--steps 12]
 
 Every configuration runs as its own ``torchrun --standalone`` job (gloo) on the same inputs and
 times only the work itself (between barriers, after the model or store is loaded):

@@ -1,6 +1,6 @@
 """LinEAS fit time and the cost of a CAFT step (issue: LinEAS and CAFT).
 
-    flock /work/notes/bench.lock python experiments/bench/bench_lineas_caft.py [--threads N] [--repeats 7]
+    python experiments/bench/bench_lineas_caft.py [--threads N] [--repeats 7]
 
 SmolLM2-135M, float32, CPU:
 
