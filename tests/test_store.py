@@ -209,6 +209,24 @@ def test_row_permutation_is_a_bijection_on_ten_million_rows():
     assert len(np.intersect1d(first, other)) < 20  # another epoch: an unrelated order (about 1.7 shared by chance)
 
 
+def test_tabulated_round_functions_give_the_hashed_permutation(monkeypatch):
+    """Up to TABLE_LIMIT the rounds look F up in tables; above it they hash. Both must give the same
+    order (an epoch's order must not depend on the store's size class or the code path)."""
+    import interp.store.shuffle as shuffle
+
+    for n in (1, 7, 1000, 465_536, 10**9):
+        positions = np.arange(min(n, 50_000))
+        tabulated = RowPermutation(n, [3, 1])
+        assert tabulated.tables is not None
+        monkeypatch.setattr(shuffle, "TABLE_LIMIT", 0)
+        hashed = RowPermutation(n, [3, 1])
+        monkeypatch.undo()
+        assert hashed.tables is None
+        assert np.array_equal(tabulated[positions], hashed[positions]), n
+    with pytest.raises(IndexError):
+        RowPermutation(10, [0])[np.array([-1])]
+
+
 def test_row_permutation_steps_like_a_random_order():
     """Consecutive positions must not sit a near-constant number of rows apart (a nearly linear map
     passes the spread and correlation checks above but puts neighbouring tokens into one batch).

@@ -284,6 +284,8 @@ class Batches:
     ``world_size``-th batch (``split="batches"``) or its part of every batch (``split="rows"``).
     """
 
+    WINDOW = 16  # batches of shuffled positions computed at once
+
     def __init__(self, store: ActivationStore, sites: list[str], batch_size: int, *, shuffle: bool, seed: int,
                  dtype: torch.dtype | None, drop_last: bool, single: bool, rank: int, world_size: int, start: int, stop: int,
                  split: str = "batches"):
@@ -298,6 +300,7 @@ class Batches:
         self.epoch, self.batch = 0, 0
         self._order: RowPermutation | None = None
         self._order_epoch = -1
+        self._window = (0, 0, np.empty(0, dtype=np.int64))  # (first, end, rows) of the epoch positions computed ahead
 
     def _total(self) -> int:
         n = self.n_rows
@@ -323,14 +326,26 @@ class Batches:
     def _epoch_order(self) -> RowPermutation:
         if self._order_epoch != self.epoch:
             self._order, self._order_epoch = RowPermutation(self.n_rows, [self.seed, self.epoch]), self.epoch
+            self._window = (0, 0, np.empty(0, dtype=np.int64))
         return self._order
+
+    def _shuffled(self, start: int, stop: int) -> np.ndarray:
+        """Epoch positions ``[start, stop)`` through the bijection, computed ``WINDOW`` batches at a time
+        (the per-call cost of the rounds is then shared; 16 batches of 4,096 rows are 512 KB)."""
+        order = self._epoch_order()
+        lo, hi, rows = self._window
+        if not (lo <= start and stop <= hi):
+            lo, hi = start, min(self.n_rows, start + self.WINDOW * self.batch_size)
+            rows = order[lo:max(hi, stop)]
+            self._window = (lo, lo + len(rows), rows)
+        return rows[start - lo:stop - lo]
 
     def rows_of(self, index: int) -> np.ndarray | slice:
         """The global store rows of batch ``index`` of the current epoch that this rank reads (sorted)."""
         start = index * self.batch_size
         stop = min(start + self.batch_size, self.n_rows)
         if self.shuffle:
-            rows = np.sort(self._epoch_order()[start:stop]) + self.start
+            rows = np.sort(self._shuffled(start, stop)) + self.start
         else:
             rows = slice(self.start + start, self.start + stop)
         if self.split == "rows" and self.world_size > 1:
