@@ -39,7 +39,7 @@ def test_qk_fix_equals_patching_the_attention_pattern(saturated):
     qk: dict = {}
     with atp._capture_qk(model, [1], qk):
         acts, grads = gradients_at(model, task, task.corrupt, [resid, pattern], None)
-    [fix] = atp._qk_fix(qk[1], [atp._patched_qk(model, {resid: 1}, acts, source, qk)[resid]], grads[pattern])
+    [[fix]] = atp._qk_fix([qk[1]], [[atp._patched_qk(model, {resid: 1}, acts, source, qk)[resid]]], [grads[pattern]])
 
     def through_pattern(positions):
         with torch.no_grad(), model.intervene(interp.Replace(resid, source[resid], positions=positions)):
@@ -78,25 +78,30 @@ def test_patched_queries_and_keys_of_several_sites_at_once_equal_a_real_patched_
     assert not torch.allclose(patched[sites[0]]["q"], patched[sites[1]]["q"])  # the sites' changes differ
 
 
-def test_attention_tap_sees_the_kernel_inputs_and_changes_nothing(saturated):
-    """A tap runs no eager attention: the forward stays the model's own, and the tap's score functions
-    rebuild the pattern that the pattern site (eager) reads."""
-    model, task = saturated
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_attention_tap_sees_the_kernel_inputs_and_changes_nothing(family):
+    """A tap runs no eager attention: the forward stays the model's own. Its score functions must
+    rebuild the pattern the kernel used: softmax(masked(transform(q k^T))) @ values equals the heads'
+    outputs (z) on padded prompts (gemma2: soft-capped scores, sliding window, eager kernel)."""
+    model = tiny_model(family, n_layers=2)
+    tokens = model.tokenize(["The cat sat on the mat today and then", "A dog ran"])
+    assert tokens.mask is not None and not bool(tokens.mask.all())
     seen: list = []
     with torch.no_grad():
-        plain = model(task.corrupt)
+        plain = model(tokens)
         handle = tap_attention(atp._attention(model, 1), model.module.config, seen.append)
         try:
-            tapped = model(task.corrupt)
+            tapped, z = model(tokens), model.run_with_cache(tokens, [model.site("z", 1)])[model.site("z", 1)]
         finally:
             handle.remove()
-        pattern = model.run_with_cache(task.corrupt, [model.site("pattern", 1)])[model.site("pattern", 1)]
-    assert torch.equal(plain, tapped) and len(seen) == 1
+    assert torch.equal(plain, tapped) and len(seen) == 2
     inputs = seen[0]
-    assert inputs.key.shape[1] < inputs.query.shape[1]  # grouped-query attention: keys come unrepeated
-    keys = inputs.key.repeat_interleave(inputs.query.shape[1] // inputs.key.shape[1], dim=1)
-    rebuilt = torch.softmax(inputs.masked(inputs.transform(inputs.query @ keys.transpose(-1, -2))), dim=-1)
-    torch.testing.assert_close(rebuilt, pattern)
+    groups = inputs.query.shape[1] // inputs.key.shape[1]
+    assert groups > 1  # grouped-query attention: keys come unrepeated
+    keys, values = (t.repeat_interleave(groups, dim=1) for t in (inputs.key, inputs.value))
+    pattern = torch.softmax(inputs.masked(inputs.transform(inputs.query @ keys.transpose(-1, -2))), dim=-1)
+    real = tokens.mask.bool()  # padded query rows are fully masked: what the kernel puts there is its own business
+    torch.testing.assert_close((pattern @ values).transpose(1, 2)[real], z[real], rtol=1e-5, atol=1e-6)
 
 
 def test_pattern_gradient_from_head_outputs_equals_the_pattern_sites_gradient(saturated):
@@ -167,3 +172,19 @@ def test_atp_star_refuses_transformer_lens_models():
     task = pairs_task(model, ["ab"], ["ac"], ["x"], ["y"])
     with pytest.raises(InputError, match="attention interface"):
         atp_star(model, task)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_layers_fixed_together_give_the_same_estimates_as_one_at_a_time(family, monkeypatch):
+    """The QK fixes of several reading layers are computed stacked (gemma2: sliding-window and global
+    layers share a stack, each with its own mask); stacking must not change any estimate."""
+    model = tiny_model(family, n_layers=4)
+    task = pairs_task(model, ["The cat sat on the mat, then the cat ran off", "The bee sat on the log, then the bee flew up"],
+                      ["The dog sat on the rug, then the dog ran off", "The ant sat on the log, then the ant flew up"],
+                      ["x", "y"], ["q", "z"])  # 44 tokens: past gemma2's sliding window of 8
+    together = atp_star(model, task).table.metric.to_numpy()
+    monkeypatch.setattr(atp, "_LAYERS_AT_ONCE", 1)
+    alone = atp_star(model, task).table.metric.to_numpy()
+    plain = attribution_patching(model, task).table.metric.to_numpy()
+    assert abs(alone - plain).max() > 1e-5  # the fix does something here (100x the tolerance below)
+    assert together == pytest.approx(alone, rel=1e-5, abs=1e-7)

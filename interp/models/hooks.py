@@ -210,12 +210,6 @@ def pattern_attention(
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    softcap = kwargs.get("softcap")
-
-    def transform(dots: torch.Tensor) -> torch.Tensor:  # q.k -> score before the mask (Gemma 2 soft-caps)
-        return torch.tanh(dots * scale / softcap) * softcap if softcap else dots * scale
-
     def masked(scores: torch.Tensor) -> torch.Tensor:
         """What the softmax reads, from the transformed scores [..., query, key]."""
         if attention_mask is None:  # the mask builder left causality to the kernel
@@ -226,8 +220,10 @@ def pattern_attention(
             return scores.masked_fill(~attention_mask[..., : scores.shape[-1]], torch.finfo(scores.dtype).min)
         return scores + attention_mask[..., : scores.shape[-1]]
 
+    inputs = AttentionInputs(query, key, value, query.shape[-1] ** -0.5 if scaling is None else scaling,
+                             kwargs.get("softcap"), masked)
     for tap in list(_attention_taps.get(module, {}).values()):
-        tap(AttentionInputs(query, key, value, transform, masked))
+        tap(inputs)
     hooks = list(_pattern_hooks.get(module, {}).values())
     family_eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     original = ALL_ATTENTION_FUNCTIONS.get_interface(_pattern_users[id(module.config)][1], family_eager)
@@ -240,7 +236,7 @@ def pattern_attention(
         return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     groups = query.shape[1] // key.shape[1]
     keys = key.repeat_interleave(groups, dim=1) if groups > 1 else key  # grouped-query attention
-    scores = masked(transform(torch.matmul(query, keys.transpose(-1, -2))))
+    scores = masked(inputs.transform(torch.matmul(query, keys.transpose(-1, -2))))
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     shown = pattern.detach() if frozen else pattern  # AH-rule: no gradient into queries and keys
     edited = shown
@@ -279,15 +275,20 @@ class AttentionInputs:
 
     ``query`` [batch, head, position, head_dim] and ``key`` / ``value`` [batch, kv_head, position,
     head_dim], after rotary embeddings and before grouped-query repetition; ``transform`` maps dot
-    products q.k to scores (scaled, soft-capped) and ``masked`` applies the kernel's mask to them:
-    ``masked(transform(q @ keys^T))`` is what the softmax reads, keys repeated to the query heads.
+    products q.k to scores (``scale``, then Gemma 2's ``softcap``) and ``masked`` applies the kernel's
+    mask to them: ``masked(transform(q @ keys^T))`` is what the softmax reads, keys repeated to the
+    query heads.
     """
 
     query: torch.Tensor
     key: torch.Tensor
     value: torch.Tensor
-    transform: Callable[[torch.Tensor], torch.Tensor]
+    scale: float
+    softcap: float | None
     masked: Callable[[torch.Tensor], torch.Tensor]
+
+    def transform(self, dots: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(dots * self.scale / self.softcap) * self.softcap if self.softcap else dots * self.scale
 
 
 def tap_attention(attn: nn.Module, config: Any, fn: Callable[[AttentionInputs], None]) -> RemovableHandle:

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 # Kinds that add to the residual stream: (layer offset of the first attention that reads them).
 _READER_OFFSET = {"resid_pre": 0, "resid_mid": 1, "attn_out": 1, "mlp_out": 1, "resid_post": 1}
+_LAYERS_AT_ONCE = 6  # reading layers whose QK fixes are computed in one stacked pass
 
 
 def atp_star(
@@ -107,15 +108,26 @@ def atp_star(
         by_layer[layer].append(site)
     whole = {cell.site for cell in cells if cell.position is None}  # sites with an all-positions cell
 
+    # Layers whose fixes have the same shape and score transform are computed together, a few at a time
+    # (the fix is many small tensor operations; stacking layers shares their cost).
+    chunks: dict[tuple, list[list[int]]] = defaultdict(lambda: [[]])
+    for layer, layer_sites in by_layer.items():
+        key = (len(layer_sites), qk[layer]["score_key"], bool(whole & set(layer_sites)))
+        if len(chunks[key][-1]) == _LAYERS_AT_ONCE:
+            chunks[key].append([])
+        chunks[key][-1].append(layer)
     estimates = []  # per run, per cell
     for acts_d, grads, qk_d in runs:
         fixes = {}  # site -> (exact minus linear effect through queries and keys: per position, all positions)
-        for layer, layer_sites in by_layer.items():
-            for site, fix in zip(layer_sites, _qk_fix(qk_d[layer], [patched[s] for s in layer_sites],
-                                                      _pattern_gradient(qk_d[layer], grads[model.site("z", layer)]),
-                                                      every_position=bool(whole & set(layer_sites))), strict=True):
-                fixes[site] = ((fix["each"] - fix["linear each"]).tolist(),
-                               float(fix["all"] - fix["linear all"]) if "all" in fix else None)
+        for (_, _, every_position), groups in chunks.items():
+            for layers in groups:
+                results = _qk_fix([qk_d[layer] for layer in layers], [[patched[s] for s in by_layer[layer]] for layer in layers],
+                                  [_pattern_gradient(qk_d[layer], grads[model.site("z", layer)]) for layer in layers],
+                                  every_position=every_position)
+                for layer, layer_fixes in zip(layers, results, strict=True):
+                    for site, fix in zip(by_layer[layer], layer_fixes, strict=True):
+                        fixes[site] = ((fix["each"] - fix["linear each"]).tolist(),
+                                       float(fix["all"] - fix["linear all"]) if "all" in fix else None)
         contributions = {site: (src[site] - acts_d[site]) * grads[site] for site in sites}
         run_estimates = []
         for cell in cells:
@@ -154,7 +166,7 @@ def _capture_qk(model: Model, layers: list[int], into: dict[int, dict[str, Any]]
                 if t.requires_grad:
                     t.retain_grad()
             into[layer].update(q=inputs.query, k=inputs.key, v=inputs.value.detach(), transform=inputs.transform,
-                               masked=inputs.masked)
+                               masked=inputs.masked, score_key=(inputs.scale, inputs.softcap))
 
         return fn
 
@@ -279,32 +291,38 @@ def _softmax(scores: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
     return e.div_(e.sum(-1, keepdim=True))
 
 
-def _qk_fix(base: dict[str, Any], new: list[dict[str, torch.Tensor]], grad_pattern: torch.Tensor,
-            every_position: bool = True) -> list[dict[str, torch.Tensor]]:
-    """For each of ``new``'s changed queries and keys of one layer: its effect on the metric, summed over
+def _qk_fix(bases: list[dict[str, Any]], news: list[list[dict[str, torch.Tensor]]], grad_patterns: list[torch.Tensor],
+            every_position: bool = True) -> list[list[dict[str, torch.Tensor]]]:
+    """Per layer of ``bases`` (its captured queries, keys and score functions), for each of its changed
+    queries and keys in ``news`` (the same number per layer): the effect on the metric, summed over
     prompts and heads, through the exact change of the pattern ("each": [positions], for a change at
     one position; "all": for a change at every position), and as attribution patching estimates it
-    ("linear each", "linear all"; "all" only with ``every_position``). All changes of a layer are
-    computed together, stacked in front."""
+    ("linear each", "linear all"; "all" only with ``every_position``). The layers must share their
+    score transform; they are stacked along the batch (layer-major), their changes in front."""
     # The model's own precision, at least float32 (float64 instead changed no estimate of the embedded IOI
     # sweep by more than 5e-7, at 1.4x the time).
-    dtype = torch.promote_types(base["q"].dtype, torch.float32)
-    q, k = base["q"].detach().to(dtype), base["k"].detach().to(dtype)  # keys: [n, kv_heads, p, d]
-    dq = base["q"].grad.to(dtype) if base["q"].grad is not None else torch.zeros_like(q)
-    dk = base["k"].grad.to(dtype) if base["k"].grad is not None else torch.zeros_like(k)
-    q2, k2 = torch.stack([n["q"] for n in new]).to(dtype), torch.stack([n["k"] for n in new]).to(dtype)  # [sites, n, h, p, d]
+    dtype = torch.promote_types(bases[0]["q"].dtype, torch.float32)
+    layers, n = len(bases), bases[0]["q"].shape[0]
+
+    def grad(t: torch.Tensor) -> torch.Tensor:
+        return t.grad.to(dtype) if t.grad is not None else torch.zeros(t.shape, dtype=dtype)
+
+    q, k = (torch.cat([b[name].detach() for b in bases]).to(dtype) for name in ("q", "k"))  # [layers x n, (kv_)heads, p, d]
+    dq, dk = torch.cat([grad(b["q"]) for b in bases]), torch.cat([grad(b["k"]) for b in bases])
+    q2, k2 = (torch.cat([torch.stack([c[name] for c in changes], 0) for changes in news], 1).to(dtype)
+              for name in ("q", "k"))  # [sites, layers x n, (kv_)heads, p, d]
     # The linear estimate, on the keys as the kernel got them (a shared key's gradient is the sum over its heads).
-    linear_each = ((q2 - q) * dq).sum((-1, -3)) + ((k2 - k) * dk).sum((-1, -3))  # [sites, n, positions]
+    linear_each = ((q2 - q) * dq).sum((-1, -3)) + ((k2 - k) * dk).sum((-1, -3))  # [sites, layers x n, positions]
     by_kv, by_head = _head_groups(q, k)
-    transform = base["transform"]
+    transform = bases[0]["transform"]
     transformed = transform(by_head(by_kv(q) @ k.transpose(-1, -2)))
-    scores = base["masked"](transformed)  # what the model's softmax read
-    blocked = scores <= torch.finfo(base["q"].dtype).min / 2
+    scores = torch.cat([b["masked"](part) for b, part in zip(bases, transformed.split(n), strict=True)])  # what the softmax read
+    blocked = scores <= torch.finfo(bases[0]["q"].dtype).min / 2
     blocked &= ~blocked.all(-1, keepdim=True)  # a row with every key blocked stays uniform, as in the model
     e, row_max = _exp_rows(scores, blocked)
     total = e.sum(-1, keepdim=True)
     pattern = e / total
-    g = grad_pattern.to(dtype)
+    g = torch.cat(grad_patterns).to(dtype)
 
     def rescored(dots_new: torch.Tensor) -> torch.Tensor:
         return torch.where(blocked, scores, scores + transform(dots_new) - transformed)
@@ -313,10 +331,10 @@ def _qk_fix(base: dict[str, Any], new: list[dict[str, torch.Tensor]], grad_patte
     row_dots = by_head(by_kv(q2) @ k.transpose(-1, -2))
     own_key = (by_kv(q2).unflatten(-2, (-1, k.shape[-2])) * k2.unsqueeze(-3)).sum(-1).flatten(-3, -2)  # q2_p . k2_p
     row_dots.diagonal(dim1=-2, dim2=-1).copy_(own_key)
-    row = (g * (_softmax(rescored(row_dots), blocked) - pattern)).sum(-1)  # [sites, n, h, p]
+    row = (g * (_softmax(rescored(row_dots), blocked) - pattern)).sum(-1)  # [sites, layers x n, h, p]
 
     # The key at p changes column p of every other row t: closed form from row t's log-partition.
-    # [sites, n, h, t, p]: row t's score for key p when k_p changes (a blocked key stays blocked: zeroed below)
+    # [sites, layers x n, h, t, p]: row t's score for key p when k_p changes (a blocked key stays blocked: zeroed below)
     new_column = rescored(by_head(by_kv(q) @ k2.transpose(-1, -2))).masked_fill_(blocked, 0.0)
     lse = row_max + total.log()
     top = scores.argmax(-1, keepdim=True)
@@ -329,11 +347,15 @@ def _qk_fix(base: dict[str, Any], new: list[dict[str, torch.Tensor]], grad_patte
     column = shrink * (weighted.sum(-1, keepdim=True) - weighted) + g * ((new_column - lse_new).exp_() - pattern)
     column.masked_fill_(blocked, 0.0)
     column.diagonal(dim1=-2, dim2=-1).zero_()  # row p is counted in ``row``
-    each, linear = (row + column.sum(-2)).sum((1, 2)), linear_each.sum(1)
-    fixes = [{"each": each[i], "linear each": linear[i], "linear all": linear[i].sum()} for i in range(len(new))]
+    # [sites, layers x n, ...] -> [sites, layers, n, ...], summed over prompts (and heads)
+    each = (row + column.sum(-2)).unflatten(1, (layers, n)).sum((2, 3))  # [sites, layers, p]
+    linear = linear_each.unflatten(1, (layers, n)).sum(2)
+    fixes = [[{"each": each[i, j], "linear each": linear[i, j], "linear all": linear[i, j].sum()} for i in range(len(news[j]))]
+             for j in range(layers)]
     if every_position:
         changed = _softmax(rescored(by_head(by_kv(q2) @ k2.transpose(-1, -2))), blocked)
-        everything = (g * (changed - pattern)).flatten(1).sum(1)
-        for fix, value in zip(fixes, everything, strict=True):
-            fix["all"] = value
+        everything = (g * (changed - pattern)).unflatten(1, (layers, n)).flatten(2).sum(2)  # [sites, layers]
+        for j in range(layers):
+            for i, fix in enumerate(fixes[j]):
+                fix["all"] = everything[i, j]
     return fixes

@@ -8,7 +8,7 @@ is a context manager) and act through the model's own modules or hook points:
 - ``ln``: every norm (LayerNorm, RMSNorm, gain w or 1 + w) with its normalising scale held constant (LN-rule);
 - ``identity``: the MLP's activation (GELU, SiLU, ReLU variants) as x * stopgrad(f(x) / x) (identity rule);
 - ``half``: gated products (act(gate) * up, fused gate_up projections too): each factor receives half (half rule);
-- ``attention``: attention patterns held constant (AH-rule; on by default wherever the pattern is reachable);
+- ``attention``: attention patterns held constant (AH-rule);
 - ``signal`` (instead of ``half``): a gated product passes everything back through ``up``, the gate
   act(gate) held constant (LRP's signal-take-all rule for gates).
 ``ln_blocks`` / ``ln_final`` apply the LN-rule to the norms inside blocks / the final norm only.
@@ -39,9 +39,7 @@ class Rules:
     ln: bool = True
     identity: bool = True
     half: bool = True
-    # None: on wherever interp reaches the attention pattern (HF attention interface, TransformerLens).
-    # Chosen on the dev templates (issue 19): highest mean Pearson over resid, attn and MLP outputs.
-    attention: bool | None = None
+    attention: bool = False
     signal: bool = False  # gated products: everything through the linear factor, act(gate) held constant
     final_norm: bool | None = None  # the LN-rule on the final norm; None: as ``ln``
 
@@ -67,8 +65,7 @@ class Rules:
     def __str__(self) -> str:
         """The rule names, as ``parse`` reads them."""
         norms = "ln" if self.ln and self.on_final_norm() else "ln_blocks" if self.ln else "ln_final" if self.on_final_norm() else ""
-        names = [norms] + [n for n in ("identity", "half", "signal") if getattr(self, n)]
-        names += ["attention" if self.attention else "attention where reachable" if self.attention is None else ""]
+        names = [norms] + [n for n in ("identity", "half", "signal", "attention") if getattr(self, n)]
         return ",".join(n for n in names if n) or "none"
 
     def on_final_norm(self) -> bool:
@@ -174,7 +171,7 @@ def relevance_rules(model: Model, rules: Rules) -> Iterator[None]:
 def _hf_rules(model: Model, rules: Rules) -> list[Any]:
     root, arch = model.module, model.arch
     layers = root.get_submodule(arch.layers)
-    if rules.attention and not arch.pattern:  # asked for explicitly (the default skips such models)
+    if rules.attention and not arch.pattern:
         raise InputError(f"the attention rule holds attention patterns constant, but the attention of {model.cfg.name} "
                          f"({type(layers[0].get_submodule(arch.attn)).__name__}) does not run through transformers' "
                          "attention interface, where interp reaches the pattern")
@@ -186,7 +183,7 @@ def _hf_rules(model: Model, rules: Rules) -> list[Any]:
         if rules.identity or rules.half or rules.signal:
             handles += _mlp_rules(f"{arch.layers}.{index}.{arch.mlp}", layer.get_submodule(arch.mlp),
                                   layer.get_submodule(arch.mlp_out_proj), rules)
-    if rules.attention or (rules.attention is None and arch.pattern):
+    if rules.attention:
         handles += [stop_pattern_gradient(layer.get_submodule(arch.attn), root.config) for layer in layers]
     return handles
 
@@ -254,7 +251,7 @@ def _transformer_lens_rules(model: Model, rules: Rules) -> list[Any]:
     handles: list[Any] = []
     handles += [p.register_forward_hook(_detach, prepend=True) for n, p in points.items() if n.endswith("hook_scale")
                 and (rules.on_final_norm() if n.startswith("ln_final") else rules.ln)]
-    if rules.attention is not False:
+    if rules.attention:
         handles += [p.register_forward_hook(_detach, prepend=True) for n, p in points.items() if n.endswith("attn.hook_pattern")]
     if rules.identity or rules.half or rules.signal:
         for layer, block in enumerate(model.module.blocks):
