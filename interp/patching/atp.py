@@ -318,7 +318,7 @@ def _qk_fix(bases: list[dict[str, Any]], news: list[list[dict[str, torch.Tensor]
     transformed = transform(by_head(by_kv(q) @ k.transpose(-1, -2)))
     scores = torch.cat([b["masked"](part) for b, part in zip(bases, transformed.split(n), strict=True)])  # what the softmax read
     blocked = scores <= torch.finfo(bases[0]["q"].dtype).min / 2
-    blocked &= ~blocked.all(-1, keepdim=True)  # a row with every key blocked stays uniform, as in the model
+    blocked &= ~blocked.all(-1, keepdim=True)  # all keys blocked: uniform as in eager (sdpa: 0; dM/dA is 0 there)
     e, row_max = _exp_rows(scores, blocked)
     total = e.sum(-1, keepdim=True)
     pattern = e / total
