@@ -16,7 +16,8 @@ STORE must hold blocks.{L}.hook_resid_post for every layer; its last --eval-toke
 held-out rows of every run. Each run writes runs/short_budget/L{layer}/{budget}/{variant}/ and is
 skipped when its metrics.json exists, so the script can be stopped and started again. The table
 goes to runs/short_budget/table-<layers>.md and results.json; --table-only prints it from the runs
-that exist, without training (a missing run shows as "not run").
+that exist, without training (a missing run shows as "not run"); --held-out describes the held-out
+rows instead (how many massive rows, and their share of the variance).
 """
 
 from __future__ import annotations
@@ -88,7 +89,13 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=65_536)
     parser.add_argument("--eval-contexts", type=int, default=32)
     parser.add_argument("--table-only", action="store_true", help="print the table of the runs that exist; train nothing")
+    parser.add_argument("--held-out", action="store_true",
+                        help="describe the held-out rows per layer (rows above 10x the median norm, their share of the variance); train nothing")
     args = parser.parse_args()
+    if args.held_out:
+        for layer in (int(v) for v in args.layers.split(",")):
+            describe_held_out(args.store, layer, args.eval_tokens)
+        return
 
     import interp
     from interp.config import parse_count
@@ -111,6 +118,19 @@ def main() -> None:
     table = format_table(results, layers, labels, variants)
     print(table)
     (RESULTS / f"table-L{'-'.join(map(str, layers))}.md").write_text(table + "\n")
+
+
+def describe_held_out(store_path: Path, layer: int, rows: int) -> None:
+    """How much of the held-out variance a few massive rows hold (the plain FVU is mostly about them)."""
+    from interp.store.read import ActivationStore
+
+    store = ActivationStore(store_path)
+    x = store.read(f"blocks.{layer}.hook_resid_post", slice(store.n_rows - rows, store.n_rows))
+    norms = x.norm(dim=1)
+    outliers = norms > 10 * norms.median()
+    centred = ((x - x.mean(0)) ** 2).sum(1)
+    print(f"layer {layer}: {int(outliers.sum())} of {rows} held-out rows above 10x the median norm ({float(norms.median()):.0f}; "
+          f"largest {float(norms.max()):.0f}) hold {float(centred[outliers].sum() / centred.sum()):.1%} of the variance")
 
 
 def schedule_of(variant: str) -> str:
