@@ -149,7 +149,8 @@ def format_table(results: dict, layers: list[int], budgets: list[str], variants:
             best = min(done, default=None)
             for variant, r in rows.items():
                 if r is None:
-                    lines.append(f"| {layer} | {budget} | {variant} | not run | | | | | | | | |")
+                    if "seed=" not in variant:  # extra seeds are listed where they ran
+                        lines.append(f"| {layer} | {budget} | {variant} | not run | | | | | | | | |")
                     continue
                 mark = " (best)" if r["fvu"] == best and len(done) > 1 else ""
                 lines.append(f"| {layer} | {budget} | {variant} | {r['batch_size']} x {r['steps']} | {r['lr']:.3g} | {r['warmup_steps']} "
