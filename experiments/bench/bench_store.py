@@ -12,7 +12,8 @@ cache dir and reused), all served from the page cache (each case is warmed first
                          layout (one row per context, Array2D(context, d)), read as SAELens does
   raw memmap gather      sorted random rows of the flat memmap (np.take into a reused buffer) <- baseline (shuffled)
   raw memmap, torch      the same gather with torch.index_select, for reference
-  store, shuffled        ActivationStore.batches(shuffle=True): token-level, every row once per epoch
+  store, shuffled        ActivationStore.batches(shuffle=True): token-level, every row once per epoch;
+                         each timed pass reads a new epoch, so the cost of the epoch's order is counted
   ... pages released     the same through ActivationStore(keep_pages=False), as the trainer reads: pages
                          unmapped after every batch (resident memory stays one batch), faulted in again
   SAELens format, shuf.  as SAELens shuffles: random whole contexts taken from the Arrow dataset, then
@@ -102,16 +103,19 @@ def main() -> None:
             np.take(raw, rows, axis=0, out=buffer)
 
     loader = store.batches(SITE, batch, shuffle=True, seed=0, dtype=None)
-
-    def store_shuffled() -> None:
-        for index in range(len(shuffled)):
-            loader.read_batch(index)
-
     released = ActivationStore(root, keep_pages=False).batches(SITE, batch, shuffle=True, seed=0, dtype=None)
 
-    def store_shuffled_released() -> None:
+    def read_new_epoch(reader) -> None:
+        # every call reads a new epoch, as training does: the epoch's order is part of the cost
+        reader.epoch += 1
         for index in range(len(shuffled)):
-            released.read_batch(index)
+            reader.read_batch(index)
+
+    def store_shuffled() -> None:
+        read_new_epoch(loader)
+
+    def store_shuffled_released() -> None:
+        read_new_epoch(released)
 
     per_context = store.manifest["rows_per_context"]
 
