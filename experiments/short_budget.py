@@ -6,7 +6,8 @@ held-out rows, and print FVU / dead / CE recovered / KL per layer and budget.
 
 A variant is a schedule:
   old          the defaults before the short-budget rule: lr 2e-4/sqrt(latents/16384), 50 warm-up steps, batch 4096
-  rule         the defaults now (interp.dictionary.schedule: batch, lr and warm-up from the budget and width)
+  rule         the defaults now (interp.dictionary.schedule: batch, lr and warm-up from the budget and width,
+               the rate halved where the trainer's initialisation sample holds massive activations)
   rule*F       the rule with its learning rate times F
   lr=X         the rule's batch size and warm-up with learning rate X
   V,seed=N     variant V (old, rule, rule*F) with another seed; overrides lr=X, batch=N, warmup=N, seed=N
@@ -31,8 +32,9 @@ RESULTS = Path(__file__).resolve().parents[1] / "runs" / "short_budget"
 METRICS = ("fvu", "fvu_inliers", "dead_fraction", "ce_recovered", "kl", "l0")
 
 
-def variant_settings(variant: str, tokens: int, latents: int) -> dict:
-    """Explicit TrainConfig settings (batch_size, lr, warmup_steps, seed) for a variant name."""
+def variant_settings(variant: str, tokens: int, latents: int, massive: bool) -> dict:
+    """Explicit TrainConfig settings (batch_size, lr, warmup_steps, seed) for a variant name
+    (``massive``: the layer's initialisation sample has massive rows, which the rule's rate depends on)."""
     from interp.dictionary.schedule import long_run_lr, resolve_schedule
 
     base, *overrides = variant.split(",")
@@ -43,7 +45,7 @@ def variant_settings(variant: str, tokens: int, latents: int) -> dict:
     elif base == "rule":
         settings = {}
     elif base.startswith("rule*"):
-        settings = {"lr": resolve_schedule(tokens, latents).lr * float(base[5:])}
+        settings = {"lr": resolve_schedule(tokens, latents, massive=massive).lr * float(base[5:])}
     else:
         raise SystemExit(f"variant {variant!r}: expected old, rule or rule*F, then optional ,lr=X ,batch=N ,warmup=N ,seed=N")
     keys = {"lr": "lr", "batch": "batch_size", "warmup": "warmup_steps", "seed": "seed"}
@@ -55,6 +57,18 @@ def variant_settings(variant: str, tokens: int, latents: int) -> dict:
     return settings
 
 
+def massive_in_init_sample(store_path: Path, layer: int, eval_tokens: int, variant: str) -> bool:
+    """Whether the rows the trainer initialises from (its seed's sample) hold massive activations."""
+    from interp.dictionary.schedule import has_massive_rows
+    from interp.dictionary.train import init_sample_rows
+    from interp.store.read import ActivationStore
+
+    seed = next((int(part[5:]) for part in variant.split(",") if part.startswith("seed=")), 0)
+    store = ActivationStore(store_path)
+    rows = init_sample_rows(store.n_rows - eval_tokens, seed)
+    return has_massive_rows(store.read(f"blocks.{layer}.hook_resid_post", rows).norm(dim=-1))
+
+
 def run_one(model, store: Path, layer: int, tokens: int, variant: str, args) -> dict | None:
     from interp.config import parse_count
     from interp.dictionary import TrainConfig, train
@@ -64,7 +78,7 @@ def run_one(model, store: Path, layer: int, tokens: int, variant: str, args) -> 
     if not done.exists() and args.table_only:
         return None
     if not done.exists():
-        settings = variant_settings(variant, tokens, args.latents)
+        settings = variant_settings(variant, tokens, args.latents, massive_in_init_sample(store, layer, args.eval_tokens, variant))
         config = TrainConfig(model="smollm2-135m", layer=layer, site="resid_post", k=str(args.k), latents=args.latents,
                              tokens=parse_count(tokens), store=store, out=out, eval_tokens=args.eval_tokens,
                              eval_contexts=args.eval_contexts, checkpoint_every=10**9, **settings)

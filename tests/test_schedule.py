@@ -7,9 +7,10 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from interp.dictionary import TrainConfig, train
-from interp.dictionary.schedule import resolve_schedule
+from interp.dictionary.schedule import has_massive_rows, resolve_schedule
 from interp.dictionary.train import Trainer
 from interp.errors import InputError
 from interp.store import write_arrays
@@ -70,6 +71,43 @@ def test_bad_settings_are_refused_with_the_valid_choices():
         resolve_schedule(400_000, 8192, lr=-1e-3)
     with pytest.raises(InputError, match="less than one batch of 1024"):
         resolve_schedule(1000, 8192)
+
+
+def test_massive_activations_halve_the_rule_rate_only():
+    plain, massive = resolve_schedule(400_000, 8192), resolve_schedule(400_000, 8192, massive=True)
+    assert massive.lr == pytest.approx(documented_lr(390, 8192) / 2, rel=1e-12)
+    assert (massive.batch_size, massive.steps, massive.warmup_steps) == (plain.batch_size, plain.steps, plain.warmup_steps)
+    assert "x 0.5 (massive activations" in massive.rule["lr"] and "massive" not in plain.rule["lr"]
+    assert resolve_schedule(400_000, 8192, massive=True, lr=1e-3).lr == 1e-3  # a given rate is kept
+    norms = torch.full((1000,), 100.0)
+    assert not has_massive_rows(norms)
+    norms[7] = 1001.0  # one row above 10x the median
+    assert has_massive_rows(norms)
+    norms[7] = 999.0
+    assert not has_massive_rows(norms)
+
+
+def massive_store(tmp_path, massive_rows: int):
+    """Gaussian rows (norm about 4) with ``massive_rows`` of them replaced by rows of norm 400 along one direction."""
+    rng = np.random.default_rng(0)
+    acts = rng.standard_normal((12_000, 16)).astype(np.float32)
+    acts[rng.choice(9_000, massive_rows, replace=False)] = 400 * np.eye(16, dtype=np.float32)[3]
+    return write_arrays(tmp_path / f"store-{massive_rows}", {"acts": acts})
+
+
+@pytest.mark.parametrize("massive_rows, drop_outliers, lr, halved", [
+    (0, 0.0, 0.0, False), (60, 0.0, 0.0, True), (60, 10.0, 0.0, False), (60, 0.0, 1e-3, False),
+])
+def test_trainer_halves_the_rule_rate_where_its_sample_has_massive_rows(tmp_path, massive_rows, drop_outliers, lr, halved):
+    # 60 of 9,952 training rows: the 16,384-row sample (here every training row) holds them all
+    store = massive_store(tmp_path, massive_rows)
+    config = TrainConfig(model="none", store=store.root, site="acts", k="2", latents=64, tokens=8192, lr=lr,
+                         drop_outliers=drop_outliers, eval_tokens=2048, eval_contexts=0, out=tmp_path / "run")
+    trainer = Trainer(config, progress=False)
+    expected = lr or documented_lr(8, 64) * (0.5 if halved else 1.0)
+    assert trainer.lr == pytest.approx(expected, rel=1e-9)
+    assert trainer.optimizers[next(iter(trainer.optimizers))].param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9)
+    assert ("massive" in trainer.schedule.rule["lr"]) == halved
 
 
 def test_trainer_uses_prints_and_records_the_rule(tmp_path, capsys):

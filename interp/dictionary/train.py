@@ -37,7 +37,7 @@ from interp.dictionary import checkpoint, io
 from interp.dictionary.metrics import metrics_table, reconstruction_metrics, splice_metrics
 from interp.dictionary.parallel import BatchReduce, merge_histories, parallel_mode
 from interp.dictionary.sae import DictionaryConfig, SparseDictionary, jumprelu_l0
-from interp.dictionary.schedule import resolve_schedule
+from interp.dictionary.schedule import has_massive_rows, resolve_schedule
 from interp.errors import InputError, TrainingError
 from interp.faults import fault_point
 from interp.paths import file_lock, interp_home, write_json
@@ -151,6 +151,10 @@ class Trainer:
         self.auxk_dead = c.auxk_dead_tokens or min(10_000_000, max(c.tokens // 8, self.batch_size))
         sample = self._init_sample()
         self.max_norm = self._max_norm(sample)
+        if has_massive_rows(self._keep(sample)[self.out_site].norm(dim=-1)):  # the rule's rate depends on it
+            self.schedule = resolve_schedule(c.tokens, c.latents, massive=True, batch_size=c.batch_size, lr=c.lr,
+                                             warmup_steps=c.warmup_steps)
+            self.lr = self.schedule.lr
         names = [self._name(k) for k in c.ks()]
         if len(set(names)) != len(names):
             raise InputError(f"k={c.k!r} names the same dictionary twice; give each k once")
