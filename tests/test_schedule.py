@@ -155,3 +155,23 @@ def test_transcoders_look_for_massive_rows_in_their_target(tmp_path, massive_sit
     trainer = Trainer(config, progress=False)
     assert trainer.out_site == "target"
     assert trainer.lr == pytest.approx(documented_lr(8, 4096) * (0.5 if halved else 1.0), rel=1e-9)
+
+
+def test_short_budget_variants_name_the_rates_they_train_at():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "short_budget.py"
+    spec = importlib.util.spec_from_file_location("short_budget", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    plain_lr = documented_lr(195, 8192)  # 200k tokens: batch 1024 x 195 steps
+    settings, lr = module.variant_settings("rule", 200_000, 8192, massive=True)
+    assert "lr" not in settings and lr == pytest.approx(plain_lr / 2, rel=1e-12)  # the trainer applies the rule
+    assert module.variant_settings("rule*2", 200_000, 8192, massive=True)[1] == pytest.approx(plain_lr, rel=1e-12)
+    assert module.variant_settings("plain", 200_000, 8192, massive=True) == ({"lr": pytest.approx(plain_lr, rel=1e-12)}, pytest.approx(plain_lr))
+    assert module.variant_settings("rule*0.5", 200_000, 8192, massive=False)[1] == pytest.approx(plain_lr / 2, rel=1e-12)
+    settings, lr = module.variant_settings("old,seed=3", 200_000, 8192, massive=True)
+    assert settings == {"batch_size": 4096, "lr": pytest.approx(2e-4 / math.sqrt(0.5)), "warmup_steps": 50, "seed": 3}
+    with pytest.raises(SystemExit, match="expected old, rule"):
+        module.variant_settings("best", 200_000, 8192, massive=False)
