@@ -6,15 +6,20 @@ held-out rows, and print FVU / dead / CE recovered / KL per layer and budget.
 
 A variant is a schedule:
   old          the defaults before the short-budget rule: lr 2e-4/sqrt(latents/16384), 50 warm-up steps, batch 4096
-  rule         the defaults now (interp.dictionary.schedule: batch, lr and warm-up from the budget and width)
+  rule         the defaults now (interp.dictionary.schedule: batch, lr and warm-up from the budget and width,
+               the rate halved where massive activations dominate the trainer's initialisation sample)
   rule*F       the rule with its learning rate times F
+  plain        the rule without the massive-activation factor (the same as rule where it does not apply)
+  plain*F      that rate times F
   lr=X         the rule's batch size and warm-up with learning rate X
-  V,seed=N     variant V (old, rule, rule*F) with another seed; overrides lr=X, batch=N, warmup=N, seed=N
-               may follow any of them, comma-joined (the table groups seeds of one schedule)
+  V,seed=N     variant V with another seed; overrides lr=X, batch=N, warmup=N, seed=N may follow any
+               of them, comma-joined (the table groups seeds of one schedule)
 
 STORE must hold blocks.{L}.hook_resid_post for every layer; its last --eval-tokens rows are the
 held-out rows of every run. Each run writes runs/short_budget/L{layer}/{budget}/{variant}/ and is
-skipped when its metrics.json exists, so the script can be stopped and started again. The table
+skipped when its metrics.json exists, so the script can be stopped and started again (a finished
+run whose learning rate is not the one its variant gives now, e.g. after a change of the rule, is
+refused rather than shown under the new name). The table
 goes to runs/short_budget/table-<layers>.md and results.json; --table-only prints it from the runs
 that exist, without training (a missing run shows as "not run"); --held-out describes the held-out
 rows instead (how many massive rows, and their share of the variance).
@@ -31,28 +36,40 @@ RESULTS = Path(__file__).resolve().parents[1] / "runs" / "short_budget"
 METRICS = ("fvu", "fvu_inliers", "dead_fraction", "ce_recovered", "kl", "l0")
 
 
-def variant_settings(variant: str, tokens: int, latents: int) -> dict:
-    """Explicit TrainConfig settings (batch_size, lr, warmup_steps, seed) for a variant name."""
+def variant_settings(variant: str, tokens: int, latents: int, massive: bool) -> tuple[dict, float]:
+    """Explicit TrainConfig settings (batch_size, lr, warmup_steps, seed) for a variant name, and the
+    learning rate the run will use (``massive``: whether the trainer will find massive activations)."""
     from interp.dictionary.schedule import long_run_lr, resolve_schedule
 
     base, *overrides = variant.split(",")
     if "=" in base:
         base, overrides = "rule", [base, *overrides]
-    if base == "old":
-        settings = {"batch_size": 4096, "lr": long_run_lr(latents), "warmup_steps": 50}
-    elif base == "rule":
-        settings = {}
-    elif base.startswith("rule*"):
-        settings = {"lr": resolve_schedule(tokens, latents).lr * float(base[5:])}
-    else:
-        raise SystemExit(f"variant {variant!r}: expected old, rule or rule*F, then optional ,lr=X ,batch=N ,warmup=N ,seed=N")
+    name, _, factor = base.partition("*")
+    if name not in ("old", "rule", "plain") or (factor and name == "old"):
+        raise SystemExit(f"variant {variant!r}: expected old, rule, rule*F, plain or plain*F, then optional ,lr=X ,batch=N ,warmup=N ,seed=N")
     keys = {"lr": "lr", "batch": "batch_size", "warmup": "warmup_steps", "seed": "seed"}
+    settings = {"batch_size": 4096, "lr": long_run_lr(latents), "warmup_steps": 50} if name == "old" else {}
     for part in overrides:
         key, _, value = part.partition("=")
         if key not in keys or not value:
             raise SystemExit(f"variant {variant!r}: unknown override {part!r} (lr=X, batch=N, warmup=N, seed=N)")
         settings[keys[key]] = float(value) if key == "lr" else int(value)
-    return settings
+    rule_lr = resolve_schedule(tokens, latents, massive=massive and name == "rule", batch_size=settings.get("batch_size", 0)).lr
+    if (factor or name == "plain") and "lr" not in settings:
+        settings["lr"] = rule_lr * float(factor or 1)
+    return settings, settings.get("lr", rule_lr)
+
+
+def massive_in_init_sample(store_path: Path, layer: int, eval_tokens: int, variant: str) -> bool:
+    """Whether the trainer will find massive activations in its initialisation sample (the same rows
+    and the same test as ``Trainer``)."""
+    from interp.dictionary.schedule import has_massive_rows
+    from interp.dictionary.train import init_sample_rows
+    from interp.store.read import ActivationStore
+
+    seed = next((int(part[5:]) for part in variant.split(",") if part.startswith("seed=")), 0)
+    store = ActivationStore(store_path)
+    return has_massive_rows(store.read(f"blocks.{layer}.hook_resid_post", init_sample_rows(store.n_rows - eval_tokens, seed)))
 
 
 def run_one(model, store: Path, layer: int, tokens: int, variant: str, args) -> dict | None:
@@ -63,8 +80,13 @@ def run_one(model, store: Path, layer: int, tokens: int, variant: str, args) -> 
     done = out / "metrics.json"
     if not done.exists() and args.table_only:
         return None
-    if not done.exists():
-        settings = variant_settings(variant, tokens, args.latents)
+    settings, lr = variant_settings(variant, tokens, args.latents, massive_in_init_sample(store, layer, args.eval_tokens, variant))
+    if done.exists():
+        trained_at = json.loads((out / "config.json").read_text())["resolved"]["lr"]
+        if abs(trained_at - lr) > 1e-9 * lr:
+            raise SystemExit(f"{out} trained at lr {trained_at:.4g}, but {variant!r} gives {lr:.4g} now (the rule changed?): "
+                             "move the folder away to train it again")
+    else:
         config = TrainConfig(model="smollm2-135m", layer=layer, site="resid_post", k=str(args.k), latents=args.latents,
                              tokens=parse_count(tokens), store=store, out=out, eval_tokens=args.eval_tokens,
                              eval_contexts=args.eval_contexts, checkpoint_every=10**9, **settings)

@@ -7,9 +7,10 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from interp.dictionary import TrainConfig, train
-from interp.dictionary.schedule import resolve_schedule
+from interp.dictionary.schedule import has_massive_rows, resolve_schedule
 from interp.dictionary.train import Trainer
 from interp.errors import InputError
 from interp.store import write_arrays
@@ -72,6 +73,59 @@ def test_bad_settings_are_refused_with_the_valid_choices():
         resolve_schedule(1000, 8192)
 
 
+def test_massive_activations_halve_the_rule_rate_only():
+    plain, massive = resolve_schedule(400_000, 8192), resolve_schedule(400_000, 8192, massive=True)
+    assert massive.lr == pytest.approx(documented_lr(390, 8192) / 2, rel=1e-12)
+    assert (massive.batch_size, massive.steps, massive.warmup_steps) == (plain.batch_size, plain.steps, plain.warmup_steps)
+    assert "x 0.5 but not below the long-run rate (massive activations" in massive.rule["lr"] and "massive" not in plain.rule["lr"]
+    assert resolve_schedule(400_000, 8192, massive=True, lr=1e-3).lr == 1e-3  # a given rate is kept
+    # long runs keep the long-run rate; the halved boost stops at it (0.5 x sqrt(28000/steps) = 1 at 7,000 steps)
+    assert resolve_schedule(1_000_000_000, 8192, massive=True).lr == pytest.approx(2e-4 / math.sqrt(0.5), rel=1e-12)
+    assert resolve_schedule(8000 * 4096, 8192, massive=True).lr == pytest.approx(2e-4 / math.sqrt(0.5), rel=1e-12)
+    assert resolve_schedule(5000 * 4096, 8192, massive=True).lr == pytest.approx(documented_lr(5000, 8192) / 2, rel=1e-12)
+
+
+def test_massive_rows_count_when_they_hold_a_quarter_of_the_variance():
+    rows = torch.randn(2000, 8, generator=torch.Generator().manual_seed(0))  # norms about 2.8, variance about 16,000
+    assert not has_massive_rows(rows)
+    rows[:2] = 0.0
+    rows[:2, 3] = 40.0  # two rows above 10x the median norm, but 3,200 of about 19,200: under a quarter
+    assert not has_massive_rows(rows)
+    rows[:6] = 0.0
+    rows[:6, 3] = 40.0  # six: 9,600 of about 25,600, over a quarter
+    assert has_massive_rows(rows)
+    rows[:6, 3] = 20.0  # a large share again, but under 10x the median norm (about 2.7): not massive
+    assert not has_massive_rows(rows)
+
+
+def massive_store(tmp_path, massive_rows: int, norm: float):
+    """Gaussian rows (norm about 4; 9,952 training rows hold about 159,000 of variance) with
+    ``massive_rows`` of them replaced by rows of ``norm`` along one direction."""
+    rng = np.random.default_rng(0)
+    acts = rng.standard_normal((12_000, 16)).astype(np.float32)
+    acts[rng.choice(9_000, massive_rows, replace=False)] = norm * np.eye(16, dtype=np.float32)[3]
+    return write_arrays(tmp_path / f"store-{massive_rows}", {"acts": acts})
+
+
+@pytest.mark.parametrize("massive_rows, norm, drop_outliers, lr, halved", [
+    (0, 0, 0.0, 0.0, False),
+    (60, 400, 0.0, 0.0, True),  # about 98% of the variance
+    (1, 400, 0.0, 0.0, True),  # about 50%
+    (1, 150, 0.0, 0.0, False),  # about 12%: above 10x the median norm, but not a quarter of the variance
+    (60, 400, 10.0, 0.0, False),  # --drop-outliers: not trained on
+    (60, 400, 0.0, 1e-3, False),  # a given rate
+])
+def test_trainer_halves_the_rule_rate_where_its_sample_has_massive_rows(tmp_path, massive_rows, norm, drop_outliers, lr, halved):
+    store = massive_store(tmp_path, massive_rows, norm)  # the initialisation sample is every training row
+    config = TrainConfig(model="none", store=store.root, site="acts", k="2", latents=4096, tokens=8192, lr=lr,
+                         drop_outliers=drop_outliers, eval_tokens=2048, eval_contexts=0, out=tmp_path / "run")
+    trainer = Trainer(config, progress=False)
+    expected = lr or documented_lr(8, 4096) * (0.5 if halved else 1.0)  # 4.5e-3 (the cap) or half
+    assert trainer.lr == pytest.approx(expected, rel=1e-9)
+    assert trainer.optimizers[next(iter(trainer.optimizers))].param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9)
+    assert ("massive" in trainer.schedule.rule["lr"]) == halved
+
+
 def test_trainer_uses_prints_and_records_the_rule(tmp_path, capsys):
     rng = np.random.default_rng(0)
     store = write_arrays(tmp_path / "store", {"acts": rng.standard_normal((12_000, 16)).astype(np.float32)})
@@ -88,3 +142,36 @@ def test_trainer_uses_prints_and_records_the_rule(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "schedule: batch 1024 x 8 steps (rule: power of 2 nearest tokens/1000" in printed
     assert "lr 0.001 (given)" in printed and "warm-up 1 steps (rule: steps/20" in printed
+
+
+@pytest.mark.parametrize("massive_site, halved", [("target", True), ("source", False)])
+def test_transcoders_look_for_massive_rows_in_their_target(tmp_path, massive_site, halved):
+    rng = np.random.default_rng(0)
+    acts = {name: rng.standard_normal((12_000, 16)).astype(np.float32) for name in ("source", "target")}
+    acts[massive_site][rng.choice(9_000, 60, replace=False)] = 400 * np.eye(16, dtype=np.float32)[3]
+    store = write_arrays(tmp_path / "store", acts)
+    config = TrainConfig(model="none", store=store.root, site="source", output_site="target", k="2", latents=4096,
+                         tokens=8192, eval_tokens=2048, eval_contexts=0, out=tmp_path / "run")
+    trainer = Trainer(config, progress=False)
+    assert trainer.out_site == "target"
+    assert trainer.lr == pytest.approx(documented_lr(8, 4096) * (0.5 if halved else 1.0), rel=1e-9)
+
+
+def test_short_budget_variants_name_the_rates_they_train_at():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "short_budget.py"
+    spec = importlib.util.spec_from_file_location("short_budget", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    plain_lr = documented_lr(195, 8192)  # 200k tokens: batch 1024 x 195 steps
+    settings, lr = module.variant_settings("rule", 200_000, 8192, massive=True)
+    assert "lr" not in settings and lr == pytest.approx(plain_lr / 2, rel=1e-12)  # the trainer applies the rule
+    assert module.variant_settings("rule*2", 200_000, 8192, massive=True)[1] == pytest.approx(plain_lr, rel=1e-12)
+    assert module.variant_settings("plain", 200_000, 8192, massive=True) == ({"lr": pytest.approx(plain_lr, rel=1e-12)}, pytest.approx(plain_lr))
+    assert module.variant_settings("rule*0.5", 200_000, 8192, massive=False)[1] == pytest.approx(plain_lr / 2, rel=1e-12)
+    settings, lr = module.variant_settings("old,seed=3", 200_000, 8192, massive=True)
+    assert settings == {"batch_size": 4096, "lr": pytest.approx(2e-4 / math.sqrt(0.5)), "warmup_steps": 50, "seed": 3}
+    with pytest.raises(SystemExit, match="expected old, rule"):
+        module.variant_settings("best", 200_000, 8192, massive=False)

@@ -12,7 +12,10 @@ cache dir and reused), all served from the page cache (each case is warmed first
                          layout (one row per context, Array2D(context, d)), read as SAELens does
   raw memmap gather      sorted random rows of the flat memmap (np.take into a reused buffer) <- baseline (shuffled)
   raw memmap, torch      the same gather with torch.index_select, for reference
-  store, shuffled        ActivationStore.batches(shuffle=True): token-level, every row once per epoch
+  store, shuffled        ActivationStore.batches(shuffle=True): token-level, every row once per epoch;
+                         each timed pass reads a new epoch, so the cost of the epoch's order is counted
+  ... full permutation   the same reader with the order it had before the keyed bijection (a full int64
+                         permutation of the rows per epoch), for the regression check
   ... pages released     the same through ActivationStore(keep_pages=False), as the trainer reads: pages
                          unmapped after every batch (resident memory stays one batch), faulted in again
   SAELens format, shuf.  as SAELens shuffles: random whole contexts taken from the Arrow dataset, then
@@ -57,6 +60,7 @@ def main() -> None:
     import interp
     from interp.paths import interp_home
     from interp.store import ActivationStore, HarvestConfig, harvest
+    from interp.store import read as read_module
     from timing import interleaved, report
 
     model = interp.load_model("smollm2-135m")
@@ -102,16 +106,29 @@ def main() -> None:
             np.take(raw, rows, axis=0, out=buffer)
 
     loader = store.batches(SITE, batch, shuffle=True, seed=0, dtype=None)
-
-    def store_shuffled() -> None:
-        for index in range(len(shuffled)):
-            loader.read_batch(index)
-
     released = ActivationStore(root, keep_pages=False).batches(SITE, batch, shuffle=True, seed=0, dtype=None)
 
-    def store_shuffled_released() -> None:
+    def read_new_epoch(reader) -> None:
+        # every call reads a new epoch, as training does: the epoch's order is part of the cost
+        reader.epoch += 1
         for index in range(len(shuffled)):
-            released.read_batch(index)
+            reader.read_batch(index)
+
+    def store_shuffled() -> None:
+        read_new_epoch(loader)
+
+    def store_shuffled_released() -> None:
+        read_new_epoch(released)
+
+    full = store.batches(SITE, batch, shuffle=True, seed=0, dtype=None)
+
+    def store_shuffled_full_permutation() -> None:
+        bijection = read_module.RowPermutation
+        read_module.RowPermutation = FullPermutation
+        try:
+            read_new_epoch(full)
+        finally:
+            read_module.RowPermutation = bijection
 
     per_context = store.manifest["rows_per_context"]
 
@@ -134,11 +151,14 @@ def main() -> None:
     seq = report(f"Sequential read, {sequential_bytes / 1e9:.2f} GB per pass, batch {batch}", timed, "raw memmap copy",
                  targets={"store, sequential": 1 / 0.7})
     timed = interleaved({"raw memmap gather": raw_gather, "raw memmap gather, torch": raw_torch_gather,
-                         "store, shuffled": store_shuffled, "store, shuffled, pages released (trainer)": store_shuffled_released,
+                         "store, shuffled": store_shuffled, "store, shuffled, full permutation (before)": store_shuffled_full_permutation,
+                         "store, shuffled, pages released (trainer)": store_shuffled_released,
                          "SAELens format, shuffled": saelens_shuffled},
                         repeats=args.repeats)
     shuf = report(f"Token-level shuffled read, {gathered / 1e9:.2f} GB per pass, batch {batch}", timed,
                   "raw memmap gather", targets={"store, shuffled": 1 / 0.5})
+    order = epoch_order_seconds(store.batches(SITE, batch, shuffle=True, seed=0, dtype=None), args.repeats)
+    print(f"shuffled order alone (every batch's sorted rows of one epoch of {n:,} rows, no reads): {order * 1e3:.2f} ms per epoch")
     for title, result, total in (("sequential", seq, sequential_bytes), ("shuffled", shuf, gathered)):
         print(f"{title:10s} throughput: " + ", ".join(
             f"{row['case']} {total / row['median_s'] / 1e9:.2f} GB/s ({1 / row['ratio']:.0%} of raw)" for row in result["rows"]))
@@ -148,8 +168,32 @@ def main() -> None:
         import json
 
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"sequential": seq, "shuffled": shuf, "harvest": harvest_rows}, indent=1))
+        args.out.write_text(json.dumps({"sequential": seq, "shuffled": shuf, "epoch_order_s": order, "harvest": harvest_rows}, indent=1))
         print(f"wrote {args.out}")
+
+
+class FullPermutation:
+    """The order the store used before the keyed bijection: an int64 permutation of every row, drawn per epoch."""
+
+    def __init__(self, n: int, key: list[int]):
+        self.rows = np.random.default_rng(list(key)).permutation(n)
+
+    def __getitem__(self, positions):
+        return self.rows[positions]
+
+
+def epoch_order_seconds(reader, repeats: int) -> float:
+    """Median time to compute every batch's sorted rows for a new epoch, without reading them."""
+    import time
+
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        reader.epoch += 1
+        start = time.perf_counter()
+        for index in range(len(reader)):
+            reader.rows_of(index)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 def arrow_copy(store, path: Path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -10,16 +11,17 @@ from pathlib import Path
 
 
 def interleaved(cases: dict[str, Callable[[], object]], *, repeats: int = 7, warmup: int = 1) -> dict[str, list[float]]:
-    """Run every case ``repeats`` times, round-robin with a rotating start (so drift and
-    position-in-round effects hit all cases alike); seconds per run."""
+    """Run every case ``repeats`` times, in rounds of every case, each round in a new (seeded)
+    random order: drift, position in the round and what ran just before (a multi-threaded
+    case can slow the next one by 10%) then hit all cases alike; seconds per run."""
     for _ in range(warmup):
         for fn in cases.values():
             fn()
     names = list(cases)
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for round_index in range(repeats):
-        for step in range(len(names)):
-            name = names[(round_index + step) % len(names)]
+    rng = random.Random(0)
+    for _ in range(repeats):
+        for name in rng.sample(names, len(names)):
             start = time.perf_counter()
             cases[name]()
             times[name].append(time.perf_counter() - start)

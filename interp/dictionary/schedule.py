@@ -9,13 +9,22 @@ the width, unless given explicitly. The rule (README, "Short budgets"):
   115M tokens at batch 4096) keep the long-run rate; never above ``MAX_LR``, the largest rate of
   the development sweep (narrow dictionaries on few steps would otherwise get rates near 0.1 that
   nothing tested, and diverge);
+- massive activations: where rows whose norm exceeds ``OUTLIER_FACTOR`` (10) x the median hold
+  ``MASSIVE_SHARE`` or more of the variance of the initialisation sample (SmolLM2's first token
+  after BOS from layer 11 on), the rate is multiplied by ``MASSIVE_LR_FACTOR``, but not below the
+  long-run rate: at the plain rule's rate the SAE fits those few rows, and so the plain FVU,
+  badly (many latents share each row instead of fitting it);
 - warm-up: ``steps / WARMUP_DIVISOR`` steps, at most ``MAX_WARMUP``.
 
 ``LONG_RUN_STEPS`` was chosen on a development layer (SmolLM2-135M layer 3, 8192 latents, k 32,
 200k tokens = 195 steps): the held-out FVU fell from 0.133 at lr 2.8e-4 to 0.085 at 1.1e-3 and
 was flat from 2.3e-3 (0.080) to 4.5e-3 (0.078); 28,000 puts the rule at 3.4e-3 there, inside the
 flat part. The square-root fall with the step count is assumed, not fitted (no development sweep
-at other budgets); the test layers 6 and 12 check it with the rule's rate halved and doubled.
+at other budgets); the test layers 6 and 12 check it against the rule's own rate halved and doubled.
+``MASSIVE_LR_FACTOR`` was chosen on development layer 15 (27 massive rows of 65,536 hold 85% of the
+held-out variance), at 200k and 2M tokens (README, "Short budgets"); layer 12 is its test layer.
+``MASSIVE_SHARE`` separates the development layers 3 (massive rows hold 6-10% of the sample's
+variance, and the plain rate suited it) and 15 (43-88% over three seeds).
 """
 
 from __future__ import annotations
@@ -23,6 +32,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import torch
+
+from interp.dictionary.metrics import OUTLIER_FACTOR  # a row is massive above this many times the median norm
 from interp.errors import InputError
 
 TARGET_STEPS = 1000
@@ -31,6 +43,8 @@ LONG_RUN_STEPS = 28_000  # chosen on development layer 3 (README, "Short budgets
 WARMUP_DIVISOR = 20
 MAX_WARMUP = 50
 MAX_LR = 4.5e-3  # the top of the development sweep's flat part
+MASSIVE_LR_FACTOR = 0.5  # chosen on development layer 15 (README, "Short budgets")
+MASSIVE_SHARE = 0.25  # massive rows matter when they hold this much of the variance (layer 3: 6-10%, 15: 43-88%)
 
 
 @dataclass
@@ -53,8 +67,22 @@ def long_run_lr(latents: int) -> float:
     return 2e-4 / math.sqrt(latents / 2**14)
 
 
-def resolve_schedule(tokens: int, latents: int, *, batch_size: int = 0, lr: float = 0.0, warmup_steps: int = -1) -> Schedule:
-    """The schedule for ``tokens`` training tokens and ``latents`` latents; explicit settings
+def has_massive_rows(rows: torch.Tensor) -> bool:
+    """Whether rows above ``OUTLIER_FACTOR`` x the median norm hold at least ``MASSIVE_SHARE`` of
+    the variance of ``rows`` [n, d] (a sample of training rows)."""
+    rows = rows.double()
+    norms = rows.norm(dim=-1)
+    massive = norms > OUTLIER_FACTOR * norms.median()
+    if not massive.any():
+        return False
+    centred = (rows - rows.mean(0)).pow(2).sum(-1)
+    return bool(centred[massive].sum() >= MASSIVE_SHARE * centred.sum())
+
+
+def resolve_schedule(tokens: int, latents: int, *, massive: bool = False, batch_size: int = 0, lr: float = 0.0,
+                     warmup_steps: int = -1) -> Schedule:
+    """The schedule for ``tokens`` training tokens and ``latents`` latents (``massive``: the
+    training rows include massive activations, see ``has_massive_rows``); explicit settings
     (``batch_size`` > 0, ``lr`` > 0, ``warmup_steps`` >= 0) override the rule."""
     if batch_size < 0 or lr < 0 or warmup_steps < -1:
         raise InputError(f"batch_size={batch_size}, lr={lr}, warmup_steps={warmup_steps}: give positive values "
@@ -74,6 +102,10 @@ def resolve_schedule(tokens: int, latents: int, *, batch_size: int = 0, lr: floa
     else:
         lr = min(MAX_LR, long_run_lr(latents) * math.sqrt(max(1.0, LONG_RUN_STEPS / steps)))
         rule["lr"] = f"rule: 2e-4/sqrt(latents/16384) x sqrt(max(1, {LONG_RUN_STEPS}/steps)), at most {MAX_LR:g}"
+        if massive:  # never below the long-run rate: the factor was chosen on short runs
+            lr = max(long_run_lr(latents), lr * MASSIVE_LR_FACTOR)
+            rule["lr"] += (f", x {MASSIVE_LR_FACTOR:g} but not below the long-run rate (massive activations: rows above "
+                           f"{OUTLIER_FACTOR:g}x the median norm hold {MASSIVE_SHARE:.0%}+ of the variance)")
     if warmup_steps >= 0:
         rule["warmup_steps"] = "given"
     else:

@@ -37,7 +37,7 @@ from interp.dictionary import checkpoint, io
 from interp.dictionary.metrics import metrics_table, reconstruction_metrics, splice_metrics
 from interp.dictionary.parallel import BatchReduce, merge_histories, parallel_mode
 from interp.dictionary.sae import DictionaryConfig, SparseDictionary, jumprelu_l0
-from interp.dictionary.schedule import resolve_schedule
+from interp.dictionary.schedule import has_massive_rows, resolve_schedule
 from interp.errors import InputError, TrainingError
 from interp.faults import fault_point
 from interp.paths import file_lock, interp_home, write_json
@@ -59,7 +59,8 @@ class TrainConfig:
                                   "model/corpus/sites under the cache dir)")
     out: Path = opt(Path("runs/sae"), "output folder")
     batch_size: int = opt(0, "tokens per step; 0 = chosen from --tokens (the short-budget rule, see the README)")
-    lr: float = opt(0.0, "Adam learning rate; 0 = chosen from --tokens and --latents (the short-budget rule)")
+    lr: float = opt(0.0, "Adam learning rate; 0 = chosen from --tokens and --latents, halved where massive activations "
+                                 "dominate the training rows (the short-budget rule)")
     warmup_steps: int = opt(-1, "linear learning-rate warm-up, in steps; -1 = chosen from the number of steps")
     decay_fraction: float = opt(0.2, "fraction of steps at the end with linear decay to 0")
     auxk_coefficient: float = opt(1 / 32, "weight of the AuxK loss (topk / batchtopk)")
@@ -151,6 +152,10 @@ class Trainer:
         self.auxk_dead = c.auxk_dead_tokens or min(10_000_000, max(c.tokens // 8, self.batch_size))
         sample = self._init_sample()
         self.max_norm = self._max_norm(sample)
+        if has_massive_rows(self._keep(sample)[self.out_site]):  # the rule's rate depends on the target's rows
+            self.schedule = resolve_schedule(c.tokens, c.latents, massive=True, batch_size=c.batch_size, lr=c.lr,
+                                             warmup_steps=c.warmup_steps)
+            self.lr = self.schedule.lr
         names = [self._name(k) for k in c.ks()]
         if len(set(names)) != len(names):
             raise InputError(f"k={c.k!r} names the same dictionary twice; give each k once")

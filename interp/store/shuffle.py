@@ -46,12 +46,12 @@ class RowPermutation:
 
     def __getitem__(self, positions: np.ndarray | slice) -> np.ndarray:
         """The rows (int64) at epoch ``positions`` (an int array or a slice of ``range(n)``)."""
-        if isinstance(positions, slice):
-            start, stop, step = positions.indices(self.n)
-            positions = np.arange(start, stop, step, dtype=np.int64)
-        x = np.asarray(positions)
-        if x.size and (int(x.max()) >= self.n or int(x.min()) < 0):
-            raise IndexError(f"positions must be in [0, {self.n})")
+        if isinstance(positions, slice):  # in range by construction
+            x = np.arange(*positions.indices(self.n), dtype=np.int64)
+        else:
+            x = np.asarray(positions)
+            if x.size and (int(x.max()) >= self.n or int(x.min()) < 0):
+                raise IndexError(f"positions must be in [0, {self.n})")
         y = self._rounds(x.astype(np.int64 if self.tables is not None else np.uint64, copy=False))
         outside = np.flatnonzero(y >= self.n)
         while outside.size:  # cycle walking: at most a few steps, on a handful of positions
@@ -73,7 +73,8 @@ class RowPermutation:
         """The six rounds on positions ``x`` (int64 where ``F`` is tabulated, else uint64)."""
         if self.tables is not None:  # int64 throughout (values stay below 2m < 2^23): lookups need no index cast
             m = self.m
-            left, right = np.divmod(x, m)
+            left = x // m  # floor_divide by a scalar is several times faster than divmod
+            right = x - left * m
             for table in self.tables:
                 total = table[right]
                 total += left  # below 2m: (total - m) mod 2^64 is huge exactly when total < m
