@@ -13,7 +13,7 @@ the width, unless given explicitly. The rule (README, "Short budgets"):
   ``MASSIVE_SHARE`` or more of the variance of the initialisation sample (SmolLM2's first token
   after BOS from layer 11 on), the rate is multiplied by ``MASSIVE_LR_FACTOR``, but not below the
   long-run rate: at the plain rule's rate the SAE fits those few rows, and so the plain FVU,
-  badly (many latents share each row instead of fitting it);
+  badly (on development layer 15, a relative error of 0.25 on each of them against 0.04 at half the rate);
 - warm-up: ``steps / WARMUP_DIVISOR`` steps, at most ``MAX_WARMUP``.
 
 ``LONG_RUN_STEPS`` was chosen on a development layer (SmolLM2-135M layer 3, 8192 latents, k 32,
