@@ -28,6 +28,7 @@ rows instead (how many massive rows, and their share of the variance).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -60,14 +61,14 @@ def variant_settings(variant: str, tokens: int, latents: int, massive: bool) -> 
     return settings, settings.get("lr", rule_lr)
 
 
-def massive_in_init_sample(store_path: Path, layer: int, eval_tokens: int, variant: str) -> bool:
+@functools.cache  # one read per store, layer and seed, however many variants share them
+def massive_in_init_sample(store_path: Path, layer: int, eval_tokens: int, seed: int) -> bool:
     """Whether the trainer will find massive activations in its initialisation sample (the same rows
     and the same test as ``Trainer``)."""
     from interp.dictionary.schedule import has_massive_rows
     from interp.dictionary.train import init_sample_rows
     from interp.store.read import ActivationStore
 
-    seed = next((int(part[5:]) for part in variant.split(",") if part.startswith("seed=")), 0)
     store = ActivationStore(store_path)
     return has_massive_rows(store.read(f"blocks.{layer}.hook_resid_post", init_sample_rows(store.n_rows - eval_tokens, seed)))
 
@@ -80,7 +81,8 @@ def run_one(model, store: Path, layer: int, tokens: int, variant: str, args) -> 
     done = out / "metrics.json"
     if not done.exists() and args.table_only:
         return None
-    settings, lr = variant_settings(variant, tokens, args.latents, massive_in_init_sample(store, layer, args.eval_tokens, variant))
+    settings, lr = variant_settings(variant, tokens, args.latents, massive_in_init_sample(store, layer, args.eval_tokens,
+                                                                                         seed_of(variant)))
     if done.exists():
         trained_at = json.loads((out / "config.json").read_text())["resolved"]["lr"]
         if abs(trained_at - lr) > 1e-9 * lr:
@@ -144,15 +146,19 @@ def main() -> None:
 
 def describe_held_out(store_path: Path, layer: int, rows: int) -> None:
     """How much of the held-out variance a few massive rows hold (the plain FVU is mostly about them)."""
+    from interp.dictionary.schedule import OUTLIER_FACTOR, massive_share
     from interp.store.read import ActivationStore
 
     store = ActivationStore(store_path)
     x = store.read(f"blocks.{layer}.hook_resid_post", slice(store.n_rows - rows, store.n_rows))
     norms = x.norm(dim=1)
-    outliers = norms > 10 * norms.median()
-    centred = ((x - x.mean(0)) ** 2).sum(1)
-    print(f"layer {layer}: {int(outliers.sum())} of {rows} held-out rows above 10x the median norm ({float(norms.median()):.0f}; "
-          f"largest {float(norms.max()):.0f}) hold {float(centred[outliers].sum() / centred.sum()):.1%} of the variance")
+    count = int((norms > OUTLIER_FACTOR * norms.median()).sum())
+    print(f"layer {layer}: {count} of {rows} held-out rows above {OUTLIER_FACTOR:g}x the median norm ({float(norms.median()):.0f}; "
+          f"largest {float(norms.max()):.0f}) hold {massive_share(x):.1%} of the variance")
+
+
+def seed_of(variant: str) -> int:
+    return next((int(part[5:]) for part in variant.split(",") if part.startswith("seed=")), 0)
 
 
 def schedule_of(variant: str) -> str:

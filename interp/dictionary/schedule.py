@@ -67,16 +67,20 @@ def long_run_lr(latents: int) -> float:
     return 2e-4 / math.sqrt(latents / 2**14)
 
 
-def has_massive_rows(rows: torch.Tensor) -> bool:
-    """Whether rows above ``OUTLIER_FACTOR`` x the median norm hold at least ``MASSIVE_SHARE`` of
-    the variance of ``rows`` [n, d] (a sample of training rows)."""
+def massive_share(rows: torch.Tensor) -> float:
+    """The share of the variance of ``rows`` [n, d] held by the rows above ``OUTLIER_FACTOR`` x the median norm."""
     rows = rows.double()
     norms = rows.norm(dim=-1)
     massive = norms > OUTLIER_FACTOR * norms.median()
     if not massive.any():
-        return False
+        return 0.0
     centred = (rows - rows.mean(0)).pow(2).sum(-1)
-    return bool(centred[massive].sum() >= MASSIVE_SHARE * centred.sum())
+    return float(centred[massive].sum() / centred.sum())
+
+
+def has_massive_rows(rows: torch.Tensor) -> bool:
+    """Whether massive rows hold at least ``MASSIVE_SHARE`` of the variance of ``rows`` (a sample of training rows)."""
+    return massive_share(rows) >= MASSIVE_SHARE
 
 
 def resolve_schedule(tokens: int, latents: int, *, massive: bool = False, batch_size: int = 0, lr: float = 0.0,

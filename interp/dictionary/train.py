@@ -37,7 +37,7 @@ from interp.dictionary import checkpoint, io
 from interp.dictionary.metrics import metrics_table, reconstruction_metrics, splice_metrics
 from interp.dictionary.parallel import BatchReduce, merge_histories, parallel_mode
 from interp.dictionary.sae import DictionaryConfig, SparseDictionary, jumprelu_l0
-from interp.dictionary.schedule import has_massive_rows, resolve_schedule
+from interp.dictionary.schedule import Schedule, has_massive_rows, resolve_schedule
 from interp.errors import InputError, TrainingError
 from interp.faults import fault_point
 from interp.paths import file_lock, interp_home, write_json
@@ -141,7 +141,7 @@ class Trainer:
             self.out_site = resolve_site(self.model, c.output_site, c.layer) if c.output_site else self.in_site
         self.sites = [self.in_site] if self.out_site == self.in_site else [self.in_site, self.out_site]
         # the schedule first: bad settings are refused before a harvest starts
-        self.schedule = resolve_schedule(c.tokens, c.latents, batch_size=c.batch_size, lr=c.lr, warmup_steps=c.warmup_steps)
+        self.schedule = self._resolve_schedule(massive=False)
         self.store = self._open_store()
         self.batch_size, self.lr = self.schedule.batch_size, self.schedule.lr
         n = self.store.n_rows
@@ -153,8 +153,7 @@ class Trainer:
         sample = self._init_sample()
         self.max_norm = self._max_norm(sample)
         if has_massive_rows(self._keep(sample)[self.out_site]):  # the rule's rate depends on the target's rows
-            self.schedule = resolve_schedule(c.tokens, c.latents, massive=True, batch_size=c.batch_size, lr=c.lr,
-                                             warmup_steps=c.warmup_steps)
+            self.schedule = self._resolve_schedule(massive=True)
             self.lr = self.schedule.lr
         names = [self._name(k) for k in c.ks()]
         if len(set(names)) != len(names):
@@ -176,6 +175,10 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------ set-up
+    def _resolve_schedule(self, *, massive: bool) -> Schedule:
+        c = self.config
+        return resolve_schedule(c.tokens, c.latents, massive=massive, batch_size=c.batch_size, lr=c.lr, warmup_steps=c.warmup_steps)
+
     def _name(self, k: int) -> str:
         c = self.config
         kind = "transcoder" if self.out_site != self.in_site else "sae"
