@@ -19,7 +19,9 @@ STORE must hold blocks.{L}.hook_resid_post for every layer; its last --eval-toke
 held-out rows of every run. Each run writes runs/short_budget/L{layer}/{budget}/{variant}/ and is
 skipped when its metrics.json exists, so the script can be stopped and started again (a finished
 run whose learning rate is not the one its variant gives now, e.g. after a change of the rule, is
-refused rather than shown under the new name). The table
+refused rather than shown under the new name). The table (a schedule run with several seeds gets
+a row of means, FVU with its standard error), then per layer and budget the issue's goal (the best
+other learning rate's mean FVU over its seeds at most 10% below rule's; `old` does not count),
 goes to runs/short_budget/table-<layers>.md and results.json; --table-only prints it from the runs
 that exist, without training (a missing run shows as "not run"); --held-out describes the held-out
 rows instead (how many massive rows, and their share of the variance).
@@ -30,6 +32,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -189,8 +193,37 @@ def format_table(results: dict, layers: list[int], budgets: list[str], variants:
                 if len(runs) > 1:
                     mean = {m: sum(r[m] for r in runs) / len(runs) for m in ("fvu", "fvu_inliers", "dead_fraction", "ce_recovered", "kl")}
                     lines.append(f"| {layer} | {budget} | {schedule}, mean of {len(runs)} seeds | | | | {mean['fvu']:.4f} "
-                                 f"| {mean['fvu_inliers']:.4f} | {mean['dead_fraction']:.1%} | {mean['ce_recovered']:.4f} | {mean['kl']:.3f} | |")
-    return "\n".join(lines)
+                                 f"± {standard_error([r['fvu'] for r in runs]):.4f} | {mean['fvu_inliers']:.4f} | {mean['dead_fraction']:.1%} "
+                                 f"| {mean['ce_recovered']:.4f} | {mean['kl']:.3f} | |")
+    return "\n".join(lines + goal_lines(results, layers, budgets, variants))
+
+
+def standard_error(values: list[float]) -> float:
+    return statistics.stdev(values) / math.sqrt(len(values))
+
+
+def goal_lines(results: dict, layers: list[int], budgets: list[str], variants: list[str]) -> list[str]:
+    """The issue's goal per layer and budget: how far the best other learning rate's mean FVU (over its
+    seeds) is below the default's (``rule``, over its seeds); ``old`` is not a hand-picked rate."""
+    lines = []
+    for layer in layers:
+        for budget in budgets:
+            means = {}
+            for variant in variants:
+                r = results[f"L{layer}/{budget}/{variant}"]
+                if r is not None and schedule_of(variant) != "old":
+                    means.setdefault(schedule_of(variant), []).append(r["fvu"])
+            if "rule" not in means or len(means) < 2:
+                continue
+            default = means.pop("rule")
+            name, best = min(means.items(), key=lambda item: statistics.mean(item[1]))
+            gap = 1 - statistics.mean(best) / statistics.mean(default)
+            verdict = "goal met" if gap <= 0.10 else "goal missed"
+            seeds = lambda n: f"{n} seed{'s' * (n > 1)}"  # noqa: E731
+            lines.append(f"- layer {layer}, {budget}: the best other rate, {name} (mean FVU {statistics.mean(best):.4f}, {seeds(len(best))}), "
+                         f"is {abs(gap):.0%} {'below' if gap >= 0 else 'above'} rule ({statistics.mean(default):.4f}, {seeds(len(default))}): "
+                         f"{verdict} (at most 10% below)")
+    return [""] + lines if lines else []
 
 
 if __name__ == "__main__":

@@ -157,7 +157,7 @@ def test_transcoders_look_for_massive_rows_in_their_target(tmp_path, massive_sit
     assert trainer.lr == pytest.approx(documented_lr(8, 4096) * (0.5 if halved else 1.0), rel=1e-9)
 
 
-def test_short_budget_variants_name_the_rates_they_train_at():
+def short_budget_module():
     import importlib.util
     from pathlib import Path
 
@@ -165,6 +165,24 @@ def test_short_budget_variants_name_the_rates_they_train_at():
     spec = importlib.util.spec_from_file_location("short_budget", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_short_budget_goal_compares_seed_means_with_the_default():
+    module = short_budget_module()
+    fvu = {"rule": 0.04, "rule,seed=1": 0.02, "rule*0.5": 0.027, "rule*0.5,seed=1": 0.026, "rule*2": 0.05, "old": 0.001}
+    results = {f"L12/200k/{v}": {"fvu": f} for v, f in fvu.items()} | {"L12/2M/rule": {"fvu": 0.02}, "L12/2M/rule*2": {"fvu": 0.0181},
+                                                                      "L12/2M/rule*0.5": None, "L12/2M/rule,seed=1": None,
+                                                                      "L12/2M/rule*0.5,seed=1": None, "L12/2M/old": None}
+    lines = module.goal_lines(results, [12], ["200k", "2M"], list(fvu))
+    # 200k: rule*0.5's mean 0.0265 against the default's 0.03 (old, the schedule before the rule, does not count)
+    assert "rule*0.5 (mean FVU 0.0265, 2 seeds)" in lines[1] and "12% below rule (0.0300, 2 seeds): goal missed" in lines[1]
+    assert "rule*2 (mean FVU 0.0181, 1 seed)" in lines[2] and "10% below" in lines[2] and "goal met" in lines[2]
+    assert module.standard_error([0.04, 0.02]) == pytest.approx(0.01)
+
+
+def test_short_budget_variants_name_the_rates_they_train_at():
+    module = short_budget_module()
     plain_lr = documented_lr(195, 8192)  # 200k tokens: batch 1024 x 195 steps
     settings, lr = module.variant_settings("rule", 200_000, 8192, massive=True)
     assert "lr" not in settings and lr == pytest.approx(plain_lr / 2, rel=1e-12)  # the trainer applies the rule
