@@ -66,15 +66,14 @@ def variant_settings(variant: str, tokens: int, latents: int, massive: bool) -> 
 
 
 @functools.cache  # one read per store, layer and seed, however many variants share them
-def massive_in_init_sample(store_path: Path, layer: int, eval_tokens: int, seed: int) -> bool:
-    """Whether the trainer will find massive activations in its initialisation sample (the same rows
-    and the same test as ``Trainer``)."""
-    from interp.dictionary.schedule import has_massive_rows
-    from interp.dictionary.train import init_sample_rows
+def massive_in_training_rows(store_path: Path, layer: int, eval_tokens: int, seed: int) -> bool:
+    """Whether the trainer will find massive activations (the same rows and the same test as ``Trainer``)."""
+    from interp.dictionary.schedule import MASSIVE_SHARE
+    from interp.dictionary.train import training_massive_share
     from interp.store.read import ActivationStore
 
     store = ActivationStore(store_path)
-    return has_massive_rows(store.read(f"blocks.{layer}.hook_resid_post", init_sample_rows(store.n_rows - eval_tokens, seed)))
+    return training_massive_share(store, f"blocks.{layer}.hook_resid_post", store.n_rows - eval_tokens, seed) >= MASSIVE_SHARE
 
 
 def run_one(model, store: Path, layer: int, tokens: int, variant: str, args) -> dict | None:
@@ -85,7 +84,7 @@ def run_one(model, store: Path, layer: int, tokens: int, variant: str, args) -> 
     done = out / "metrics.json"
     if not done.exists() and args.table_only:
         return None
-    settings, lr = variant_settings(variant, tokens, args.latents, massive_in_init_sample(store, layer, args.eval_tokens,
+    settings, lr = variant_settings(variant, tokens, args.latents, massive_in_training_rows(store, layer, args.eval_tokens,
                                                                                          seed_of(variant)))
     if done.exists():
         trained_at = json.loads((out / "config.json").read_text())["resolved"]["lr"]

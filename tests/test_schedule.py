@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from interp.dictionary import TrainConfig, train
-from interp.dictionary.schedule import has_massive_rows, resolve_schedule
+from interp.dictionary.schedule import MASSIVE_SHARE, massive_share, massive_share_in, resolve_schedule
 from interp.dictionary.train import Trainer
 from interp.errors import InputError
 from interp.store import write_arrays
@@ -86,6 +86,9 @@ def test_massive_activations_halve_the_rule_rate_only():
 
 
 def test_massive_rows_count_when_they_hold_a_quarter_of_the_variance():
+    def has_massive_rows(rows):
+        return massive_share(rows) >= MASSIVE_SHARE
+
     rows = torch.randn(2000, 8, generator=torch.Generator().manual_seed(0))  # norms about 2.8, variance about 16,000
     assert not has_massive_rows(rows)
     rows[:2] = 0.0
@@ -96,6 +99,25 @@ def test_massive_rows_count_when_they_hold_a_quarter_of_the_variance():
     assert has_massive_rows(rows)
     rows[:6, 3] = 20.0  # a large share again, but under 10x the median norm (about 2.7): not massive
     assert not has_massive_rows(rows)
+
+
+def test_massive_share_read_in_chunks_is_the_share_over_all_rows():
+    x = torch.randn(5000, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 3.0  # off-centre
+    x[[7, 1234, 4999]] = 150.0 * torch.eye(8, dtype=torch.float64)[2] + 3.0
+    centred = (x - x.mean(0)).pow(2).sum(-1)
+    norms = x.norm(dim=-1)
+    expected = float(centred[norms > 10 * norms.median()].sum() / centred.sum())
+    assert 0.5 < expected < 0.9
+    reads = []
+
+    def read(rows):
+        reads.append(len(rows))
+        return x[torch.from_numpy(rows)].float()
+
+    rows = np.arange(5000)
+    assert massive_share_in(read, rows, chunk=700) == pytest.approx(expected, rel=1e-5)
+    assert max(reads) <= 700 and reads[-1] == 3  # chunks of at most 700 rows, then the three massive rows again
+    assert massive_share_in(read, rows[8:1234], chunk=700) == 0.0  # none among these rows
 
 
 def massive_store(tmp_path, massive_rows: int, norm: float):
@@ -142,6 +164,22 @@ def test_trainer_uses_prints_and_records_the_rule(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "schedule: batch 1024 x 8 steps (rule: power of 2 nearest tokens/1000" in printed
     assert "lr 0.001 (given)" in printed and "warm-up 1 steps (rule: steps/20" in printed
+
+
+def test_the_massive_test_reads_beyond_the_initialisation_sample(tmp_path):
+    """At SmolLM2's layer 12 massive rows are 3 in 10,000: the 16,384-row initialisation sample can miss them all."""
+    from interp.dictionary.train import init_sample_rows
+
+    rng = np.random.default_rng(0)
+    acts = rng.standard_normal((40_000, 16)).astype(np.float32)
+    n_train = 40_000 - 2048
+    outside = np.setdiff1d(np.arange(n_train), init_sample_rows(n_train, 0))
+    acts[outside[:: len(outside) // 12][:12]] = 400 * np.eye(16, dtype=np.float32)[3]  # about 75% of the variance
+    store = write_arrays(tmp_path / "store", {"acts": acts})
+    config = TrainConfig(model="none", store=store.root, site="acts", k="2", latents=4096, tokens=8192,
+                         eval_tokens=2048, eval_contexts=0, out=tmp_path / "run")
+    trainer = Trainer(config, progress=False)
+    assert trainer.lr == pytest.approx(documented_lr(8, 4096) * 0.5, rel=1e-9)
 
 
 @pytest.mark.parametrize("massive_site, halved", [("target", True), ("source", False)])
