@@ -37,7 +37,8 @@ from interp.dictionary import checkpoint, io
 from interp.dictionary.metrics import metrics_table, reconstruction_metrics, splice_metrics
 from interp.dictionary.parallel import BatchReduce, merge_histories, parallel_mode
 from interp.dictionary.sae import DictionaryConfig, SparseDictionary, jumprelu_l0
-from interp.dictionary.schedule import MASSIVE_SAMPLE_ROWS, MASSIVE_SHARE, Schedule, massive_share_in, resolve_schedule
+from interp.dictionary.schedule import (MASSIVE_SAMPLE_ROWS, MASSIVE_SHARE, Schedule, massive_share_in,
+                                       resolve_schedule)
 from interp.errors import InputError, TrainingError
 from interp.faults import fault_point
 from interp.paths import file_lock, interp_home, write_json
@@ -152,8 +153,9 @@ class Trainer:
         self.auxk_dead = c.auxk_dead_tokens or min(10_000_000, max(c.tokens // 8, self.batch_size))
         sample = self._init_sample()
         self.max_norm = self._max_norm(sample)
-        # the rule's rate depends on the target's rows (not tested where the rate is given or the rows are left out)
-        if not c.lr and self.max_norm == math.inf and \
+        # the rule's rate depends on the target's rows; not tested where the rate is given or --drop-outliers
+        # leaves the large rows out (a transcoder drops by its input's norm: give --lr if its target has massive rows)
+        if not c.lr and not c.drop_outliers and \
                 training_massive_share(self.store, self.out_site, self.train_rows[1], c.seed) >= MASSIVE_SHARE:
             self.schedule = self._resolve_schedule(massive=True)
             self.lr = self.schedule.lr
