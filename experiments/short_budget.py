@@ -21,7 +21,7 @@ skipped when its metrics.json exists, so the script can be stopped and started a
 run whose learning rate is not the one its variant gives now, e.g. after a change of the rule, is
 refused rather than shown under the new name). The table (a schedule run with several seeds gets
 a row of means, FVU with its standard error), then per layer and budget the issue's goal (the best
-other learning rate's mean FVU over its seeds at most 10% below rule's; `old` does not count),
+other schedule's mean FVU over its seeds at most 10% below rule's; `old` does not count),
 goes to runs/short_budget/table-<layers>.md and results.json; --table-only prints it from the runs
 that exist, without training (a missing run shows as "not run"); --held-out describes the held-out
 rows instead (how many massive rows, and their share of the variance).
@@ -228,6 +228,7 @@ def describe(fvus: list[float]) -> str:
     if len(fvus) == 1:
         return f"FVU {fvus[0]:.4f}, 1 seed"
     return f"mean FVU {statistics.mean(fvus):.4f} ± {standard_error(fvus):.4f} s.e., {len(fvus)} seeds"
+
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))

@@ -23,7 +23,7 @@ flat part. The square-root fall with the step count is assumed, not fitted (no d
 at other budgets); the test layers 6 and 12 check it against the rule's own rate halved and doubled.
 ``MASSIVE_LR_FACTOR`` was chosen on development layer 15 (27 massive rows of 65,536 hold 85% of the
 held-out variance), at 200k and 2M tokens, and confirmed on development layers 11 and 13 (x 0.5 beat
-x 0.35 and x 0.25 in mean FVU over seeds, on all three; README, "Short budgets"); layer 12 is its test layer.
+x 0.35 and x 0.25 in mean FVU over five seeds at 200k, on all three; README, "Short budgets"); layer 12 is its test layer.
 At 2M tokens the development layers' best factor is lower (about 0.25-0.35 on layers 11, 13 and 15 over two
 seeds), which one factor for every budget does not follow: the next step for this rule.
 ``MASSIVE_SHARE`` separates the development layers 3 (massive rows hold 8-10% of the tested rows'
