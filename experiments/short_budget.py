@@ -187,14 +187,23 @@ def format_table(results: dict, layers: list[int], budgets: list[str], variants:
                 lines.append(f"| {layer} | {budget} | {variant} | {r['batch_size']} x {r['steps']} | {r['lr']:.3g} | {r['warmup_steps']} "
                              f"| {r['fvu']:.4f}{mark} | {r['fvu_inliers']:.4f} | {r['dead_fraction']:.1%} | {r['ce_recovered']:.4f} "
                              f"| {r['kl']:.3f} | {r['train_seconds']:.0f} |")
-            for schedule in dict.fromkeys(map(schedule_of, variants)):
-                runs = [r for v, r in rows.items() if schedule_of(v) == schedule and r is not None]
+            for schedule, runs in seed_groups(results, layer, budget, variants).items():
                 if len(runs) > 1:
                     mean = {m: sum(r[m] for r in runs) / len(runs) for m in ("fvu", "fvu_inliers", "dead_fraction", "ce_recovered", "kl")}
                     lines.append(f"| {layer} | {budget} | {schedule}, mean of {len(runs)} seeds | | | | {mean['fvu']:.4f} "
                                  f"± {standard_error([r['fvu'] for r in runs]):.4f} s.e. | {mean['fvu_inliers']:.4f} | {mean['dead_fraction']:.1%} "
                                  f"| {mean['ce_recovered']:.4f} | {mean['kl']:.3f} | |")
     return "\n".join(lines + goal_lines(results, layers, budgets, variants))
+
+
+def seed_groups(results: dict, layer: int, budget: str, variants: list[str]) -> dict[str, list[dict]]:
+    """The finished runs of one layer and budget, by schedule (the variant without its seed)."""
+    groups: dict[str, list[dict]] = {}
+    for variant in variants:
+        r = results[f"L{layer}/{budget}/{variant}"]
+        if r is not None:
+            groups.setdefault(schedule_of(variant), []).append(r)
+    return groups
 
 
 def standard_error(values: list[float]) -> float:
@@ -208,11 +217,8 @@ def goal_lines(results: dict, layers: list[int], budgets: list[str], variants: l
     lines = []
     for layer in layers:
         for budget in budgets:
-            fvus = {}
-            for variant in variants:
-                r = results[f"L{layer}/{budget}/{variant}"]
-                if r is not None and schedule_of(variant) != "old":
-                    fvus.setdefault(schedule_of(variant), []).append(r["fvu"])
+            fvus = {schedule: [r["fvu"] for r in runs] for schedule, runs in seed_groups(results, layer, budget, variants).items()
+                    if schedule != "old"}
             if "rule" not in fvus or len(fvus) < 2:
                 continue
             default = fvus.pop("rule")
