@@ -7,7 +7,7 @@ held-out rows, and print FVU / dead / CE recovered / KL per layer and budget.
 A variant is a schedule:
   old          the defaults before the short-budget rule: lr 2e-4/sqrt(latents/16384), 50 warm-up steps, batch 4096
   rule         the defaults now (interp.dictionary.schedule: batch, lr and warm-up from the budget and width,
-               the rate halved where massive activations dominate the trainer's initialisation sample)
+               the rate lowered where massive activations dominate the training rows the trainer tests)
   rule*F       the rule with its learning rate times F
   plain        the rule without the massive-activation factor (the same as rule where it does not apply)
   plain*F      that rate times F

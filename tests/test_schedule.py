@@ -73,16 +73,31 @@ def test_bad_settings_are_refused_with_the_valid_choices():
         resolve_schedule(1000, 8192)
 
 
-def test_massive_activations_halve_the_rule_rate_only():
-    plain, massive = resolve_schedule(400_000, 8192), resolve_schedule(400_000, 8192, massive=True)
-    assert massive.lr == pytest.approx(documented_lr(390, 8192) / 2, rel=1e-12)
+def massive_documented_lr(steps: int, latents: int) -> float:
+    """The README's massive-activation rate: the rule's rate x 0.5 x sqrt(min(1, 195/steps)), not below 2e-4/sqrt(latents/16384)."""
+    return max(2e-4 / math.sqrt(latents / 16384), documented_lr(steps, latents) * 0.5 * math.sqrt(min(1.0, 195 / steps)))
+
+
+@pytest.mark.parametrize("tokens, steps, factor", [
+    (100_000, 97, 0.5), (200_000, 195, 0.5), (400_000, 390, 0.3536), (2_000_000, 976, 0.2235),
+])
+def test_massive_activations_scale_the_rule_rate_only(tokens, steps, factor):
+    plain, massive = resolve_schedule(tokens, 8192), resolve_schedule(tokens, 8192, massive=True)
+    assert massive.steps == steps and massive.lr == pytest.approx(massive_documented_lr(steps, 8192), rel=1e-12)
+    assert massive.lr == pytest.approx(plain.lr * factor, rel=2e-4)  # the factors the development runs used
     assert (massive.batch_size, massive.steps, massive.warmup_steps) == (plain.batch_size, plain.steps, plain.warmup_steps)
-    assert "x 0.5 but not below the long-run rate (massive activations" in massive.rule["lr"] and "massive" not in plain.rule["lr"]
-    assert resolve_schedule(400_000, 8192, massive=True, lr=1e-3).lr == 1e-3  # a given rate is kept
-    # long runs keep the long-run rate; the halved boost stops at it (0.5 x sqrt(28000/steps) = 1 at 7,000 steps)
-    assert resolve_schedule(1_000_000_000, 8192, massive=True).lr == pytest.approx(2e-4 / math.sqrt(0.5), rel=1e-12)
-    assert resolve_schedule(8000 * 4096, 8192, massive=True).lr == pytest.approx(2e-4 / math.sqrt(0.5), rel=1e-12)
-    assert resolve_schedule(5000 * 4096, 8192, massive=True).lr == pytest.approx(documented_lr(5000, 8192) / 2, rel=1e-12)
+    written = f"x 0.5*sqrt(min(1, 195/steps)) = {0.5 * math.sqrt(min(1.0, 195 / steps)):.3g} but not below the long-run rate"
+    assert written in massive.rule["lr"] and "(massive activations" in massive.rule["lr"]
+    assert "massive" not in plain.rule["lr"]
+    assert resolve_schedule(tokens, 8192, massive=True, lr=1e-3).lr == 1e-3  # a given rate is kept
+
+
+def test_massive_activations_never_go_below_the_long_run_rate():
+    # the factor's rate, long-run rate x 0.5 x sqrt(28000 x 195)/steps, meets the long-run rate at 1,169 steps
+    long_run = 2e-4 / math.sqrt(0.5)
+    assert resolve_schedule(1100 * 4096, 8192, massive=True).lr == pytest.approx(long_run * 0.5 * math.sqrt(28000 * 195) / 1100, rel=1e-12)
+    for steps in (1200, 2441, 8000, 244_140):
+        assert resolve_schedule(steps * 4096, 8192, massive=True).lr == pytest.approx(long_run, rel=1e-12)
 
 
 def test_massive_rows_count_when_they_hold_a_quarter_of_the_variance():

@@ -60,7 +60,7 @@ class TrainConfig:
                                   "model/corpus/sites under the cache dir)")
     out: Path = opt(Path("runs/sae"), "output folder")
     batch_size: int = opt(0, "tokens per step; 0 = chosen from --tokens (the short-budget rule, see the README)")
-    lr: float = opt(0.0, "Adam learning rate; 0 = chosen from --tokens and --latents, halved where massive activations "
+    lr: float = opt(0.0, "Adam learning rate; 0 = chosen from --tokens and --latents, lowered where massive activations "
                                  "dominate the training rows (the short-budget rule)")
     warmup_steps: int = opt(-1, "linear learning-rate warm-up, in steps; -1 = chosen from the number of steps")
     decay_fraction: float = opt(0.2, "fraction of steps at the end with linear decay to 0")
