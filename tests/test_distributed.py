@@ -172,6 +172,23 @@ def test_two_rank_data_parallel_training_equals_one_rank_with_the_same_global_ba
     assert json.loads((two / "config.json").read_text())["resolved"]["world_size"] == 2
 
 
+def test_data_parallel_ranks_share_the_massive_activation_rate(tmp_path, acts_store, one_thread):
+    """With the rate left to the rule, rank 0 tests the rows for massive activations and every rank trains at its rate."""
+    x = acts_store.read("acts", slice(0, acts_store.n_rows)).clone()
+    x[torch.arange(0, 9_000, 150)] = 400 * torch.eye(32)[3]  # 60 rows far above 10x the median norm: most of the variance
+    store = write_arrays(tmp_path / "massive", {"acts": x})
+    out = tmp_path / "run"
+    done = torchrun(train_args(store, out, parallel="data", lr=0, latents=512, checkpoint_every=100))
+    assert done.returncode == 0, done.stderr[-3000:]
+    resolved = json.loads((out / "config.json").read_text())["resolved"]
+    assert resolved["lr"] == pytest.approx(4.5e-3 * 0.5, rel=1e-9)  # the capped rule for 512 latents on 16 steps, x 0.5
+    assert "massive activations" in resolved["rule"]["lr"] and resolved["world_size"] == 2
+    # both ranks applied it: the two-rank run equals one process at that rate (a rank at another rate would not)
+    single = train_here(store, tmp_path / "one", lr=4.5e-3 * 0.5, latents=512, checkpoint_every=100)
+    name = next(iter(single))
+    assert_same_parameters(tmp_path / "one", out, name, atol=2e-5)
+
+
 def test_killed_rank_resumes_to_the_uninterrupted_data_parallel_run(tmp_path, acts_store, two_rank_run):
     out = tmp_path / "run"
     killed = torchrun(train_args(acts_store, out, parallel="data"), fault="train.step#7")  # checkpoints at 4, 8, ...

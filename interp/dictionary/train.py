@@ -154,9 +154,10 @@ class Trainer:
         sample = self._init_sample()
         self.max_norm = self._max_norm(sample)
         # the rule's rate depends on the target's rows; not tested where the rate is given or --drop-outliers
-        # leaves the large rows out (a transcoder drops by its input's norm: give --lr if its target has massive rows)
-        if not c.lr and not c.drop_outliers and \
-                training_massive_share(self.store, self.out_site, self.train_rows[1], c.seed) >= MASSIVE_SHARE:
+        # leaves the large rows out (a transcoder drops by its input's norm: give --lr if its target has massive rows);
+        # rank 0 reads the rows and tells the others
+        if not c.lr and not c.drop_outliers and self.ranks.on_main(
+                lambda: training_massive_share(self.store, self.out_site, self.train_rows[1], c.seed)) >= MASSIVE_SHARE:
             self.schedule = self._resolve_schedule(massive=True)
             self.lr = self.schedule.lr
         names = [self._name(k) for k in c.ks()]
