@@ -88,8 +88,15 @@ def test_massive_activations_scale_the_rule_rate_only(tokens, steps, factor):
     assert (massive.batch_size, massive.steps, massive.warmup_steps) == (plain.batch_size, plain.steps, plain.warmup_steps)
     written = f"x 0.5*sqrt(min(1, 195/steps)) = {0.5 * math.sqrt(min(1.0, 195 / steps)):.3g} but not below the long-run rate"
     assert written in massive.rule["lr"] and "(massive activations" in massive.rule["lr"]
-    assert "massive" not in plain.rule["lr"]
+    assert "massive" not in plain.rule["lr"] and "(the long-run rate here)" not in massive.rule["lr"]
     assert resolve_schedule(tokens, 8192, massive=True, lr=1e-3).lr == 1e-3  # a given rate is kept
+
+
+def test_a_given_batch_size_sets_the_steps_the_massive_factor_follows():
+    s = resolve_schedule(400_000, 8192, massive=True, batch_size=4096)  # 97 steps, not the rule's 390
+    assert s.steps == 97 and s.lr == pytest.approx(documented_lr(97, 8192) * 0.5, rel=1e-12)
+    s = resolve_schedule(400_000, 8192, massive=True, batch_size=256)  # 1,562 steps: the long-run floor
+    assert s.steps == 1562 and s.lr == pytest.approx(2e-4 / math.sqrt(0.5), rel=1e-12)
 
 
 def test_massive_activations_never_go_below_the_long_run_rate():
@@ -97,7 +104,8 @@ def test_massive_activations_never_go_below_the_long_run_rate():
     long_run = 2e-4 / math.sqrt(0.5)
     assert resolve_schedule(1100 * 4096, 8192, massive=True).lr == pytest.approx(long_run * 0.5 * math.sqrt(28000 * 195) / 1100, rel=1e-12)
     for steps in (1200, 2441, 8000, 244_140):
-        assert resolve_schedule(steps * 4096, 8192, massive=True).lr == pytest.approx(long_run, rel=1e-12)
+        s = resolve_schedule(steps * 4096, 8192, massive=True)
+        assert s.lr == pytest.approx(long_run, rel=1e-12) and "(the long-run rate here)" in s.rule["lr"]
 
 
 def test_massive_rows_count_when_they_hold_a_quarter_of_the_variance():
@@ -148,7 +156,7 @@ def massive_store(tmp_path, massive_rows: int, norm: float):
     return write_arrays(tmp_path / f"store-{massive_rows}", {"acts": acts})
 
 
-@pytest.mark.parametrize("massive_rows, norm, drop_outliers, lr, halved", [
+@pytest.mark.parametrize("massive_rows, norm, drop_outliers, lr, lowered", [
     (0, 0, 0.0, 0.0, False),
     (60, 400, 0.0, 0.0, True),  # about 98% of the variance
     (1, 400, 0.0, 0.0, True),  # about 50%
@@ -156,15 +164,24 @@ def massive_store(tmp_path, massive_rows: int, norm: float):
     (60, 400, 10.0, 0.0, False),  # --drop-outliers: not trained on
     (60, 400, 0.0, 1e-3, False),  # a given rate
 ])
-def test_trainer_halves_the_rule_rate_where_its_sample_has_massive_rows(tmp_path, massive_rows, norm, drop_outliers, lr, halved):
+def test_trainer_lowers_the_rule_rate_where_its_training_rows_have_massive_rows(tmp_path, massive_rows, norm, drop_outliers, lr, lowered):
     store = massive_store(tmp_path, massive_rows, norm)  # the initialisation sample is every training row
     config = TrainConfig(model="none", store=store.root, site="acts", k="2", latents=4096, tokens=8192, lr=lr,
                          drop_outliers=drop_outliers, eval_tokens=2048, eval_contexts=0, out=tmp_path / "run")
     trainer = Trainer(config, progress=False)
-    expected = lr or documented_lr(8, 4096) * (0.5 if halved else 1.0)  # 4.5e-3 (the cap) or half
+    expected = lr or documented_lr(8, 4096) * (0.5 if lowered else 1.0)  # 4.5e-3 (the cap) or half: 8 steps
     assert trainer.lr == pytest.approx(expected, rel=1e-9)
     assert trainer.optimizers[next(iter(trainer.optimizers))].param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9)
-    assert ("massive" in trainer.schedule.rule["lr"]) == halved
+    assert ("massive" in trainer.schedule.rule["lr"]) == lowered
+
+
+def test_trainer_applies_the_factor_for_its_step_count(tmp_path):
+    store = massive_store(tmp_path, 60, 400)
+    config = TrainConfig(model="none", store=store.root, site="acts", k="2", latents=512, tokens=400 * 1024,
+                         eval_tokens=2048, eval_contexts=0, out=tmp_path / "run")
+    trainer = Trainer(config, progress=False)  # 400 steps over 9,952 training rows: further epochs
+    assert trainer.steps == 400
+    assert trainer.lr == pytest.approx(documented_lr(400, 512) * 0.5 * math.sqrt(195 / 400), rel=1e-9)
 
 
 def test_trainer_uses_prints_and_records_the_rule(tmp_path, capsys):
@@ -201,8 +218,8 @@ def test_the_massive_test_reads_beyond_the_initialisation_sample(tmp_path):
     assert trainer.lr == pytest.approx(documented_lr(8, 4096) * 0.5, rel=1e-9)
 
 
-@pytest.mark.parametrize("massive_site, halved", [("target", True), ("source", False)])
-def test_transcoders_look_for_massive_rows_in_their_target(tmp_path, massive_site, halved):
+@pytest.mark.parametrize("massive_site, lowered", [("target", True), ("source", False)])
+def test_transcoders_look_for_massive_rows_in_their_target(tmp_path, massive_site, lowered):
     rng = np.random.default_rng(0)
     acts = {name: rng.standard_normal((12_000, 16)).astype(np.float32) for name in ("source", "target")}
     acts[massive_site][rng.choice(9_000, 60, replace=False)] = 400 * np.eye(16, dtype=np.float32)[3]
@@ -211,7 +228,7 @@ def test_transcoders_look_for_massive_rows_in_their_target(tmp_path, massive_sit
                          tokens=8192, eval_tokens=2048, eval_contexts=0, out=tmp_path / "run")
     trainer = Trainer(config, progress=False)
     assert trainer.out_site == "target"
-    assert trainer.lr == pytest.approx(documented_lr(8, 4096) * (0.5 if halved else 1.0), rel=1e-9)
+    assert trainer.lr == pytest.approx(documented_lr(8, 4096) * (0.5 if lowered else 1.0), rel=1e-9)
 
 
 def short_budget_module():

@@ -131,11 +131,13 @@ def resolve_schedule(tokens: int, latents: int, *, massive: bool = False, batch_
     else:
         lr = min(MAX_LR, long_run_lr(latents) * math.sqrt(max(1.0, LONG_RUN_STEPS / steps)))
         rule["lr"] = f"rule: 2e-4/sqrt(latents/16384) x sqrt(max(1, {LONG_RUN_STEPS}/steps)), at most {MAX_LR:g}"
-        if massive:  # never below the long-run rate: the factor was fitted on short runs
-            lr = max(long_run_lr(latents), lr * massive_lr_factor(steps))
-            rule["lr"] += (f", x {MASSIVE_LR_FACTOR:g}*sqrt(min(1, {MASSIVE_REF_STEPS}/steps)) = {massive_lr_factor(steps):.3g} but not below "
-                           f"the long-run rate (massive activations: rows above {OUTLIER_FACTOR:g}x the median norm hold "
-                           f"{MASSIVE_SHARE:.0%}+ of the variance)")
+        if massive:  # never below the long-run rate: the factor was fitted on short runs (a 10M run below it did worse)
+            factor = massive_lr_factor(steps)
+            floored = lr * factor < long_run_lr(latents)
+            lr = max(long_run_lr(latents), lr * factor)
+            rule["lr"] += (f", x {MASSIVE_LR_FACTOR:g}*sqrt(min(1, {MASSIVE_REF_STEPS}/steps)) = {factor:.3g} but not below "
+                           f"the long-run rate{' (the long-run rate here)' if floored else ''} (massive activations: rows above "
+                           f"{OUTLIER_FACTOR:g}x the median norm hold {MASSIVE_SHARE:.0%}+ of the variance)")
     if warmup_steps >= 0:
         rule["warmup_steps"] = "given"
     else:
