@@ -134,9 +134,9 @@ def resolve_schedule(tokens: int, latents: int, *, massive: bool = False, batch_
         lr = min(MAX_LR, long_run_lr(latents) * math.sqrt(max(1.0, LONG_RUN_STEPS / steps)))
         rule["lr"] = f"rule: 2e-4/sqrt(latents/16384) x sqrt(max(1, {LONG_RUN_STEPS}/steps)), at most {MAX_LR:g}"
         if massive:  # never below the long-run rate: the factor was fitted on short runs (one 10M run below it did worse)
-            factor = massive_lr_factor(steps)
-            floored = lr * factor < long_run_lr(latents)
-            lr = max(long_run_lr(latents), lr * factor)
+            factor, floor = massive_lr_factor(steps), long_run_lr(latents)
+            floored = lr * factor < floor
+            lr = max(floor, lr * factor)
             rule["lr"] += (f", x {MASSIVE_LR_FACTOR:g}*sqrt(min(1, {MASSIVE_REF_STEPS}/steps)) = {factor:.3g} but not below "
                            f"the long-run rate{' (the long-run rate here)' if floored else ''} (massive activations: rows above "
                            f"{OUTLIER_FACTOR:g}x the median norm hold {MASSIVE_SHARE:.0%}+ of the variance)")
