@@ -74,19 +74,19 @@ def test_bad_settings_are_refused_with_the_valid_choices():
 
 
 def massive_documented_lr(steps: int, latents: int) -> float:
-    """The README's massive-activation rate: the rule's rate x 0.5 x sqrt(min(1, 195/steps)), not below 2e-4/sqrt(latents/16384)."""
-    return max(2e-4 / math.sqrt(latents / 16384), documented_lr(steps, latents) * 0.5 * math.sqrt(min(1.0, 195 / steps)))
+    """The README's massive-activation rate: the rule's rate x 0.5 x min(1, 195/steps)^0.3, not below 2e-4/sqrt(latents/16384)."""
+    return max(2e-4 / math.sqrt(latents / 16384), documented_lr(steps, latents) * 0.5 * min(1.0, 195 / steps) ** 0.3)
 
 
 @pytest.mark.parametrize("tokens, steps, factor", [
-    (100_000, 97, 0.5), (200_000, 195, 0.5), (400_000, 390, 0.3536), (2_000_000, 976, 0.2235),
+    (100_000, 97, 0.5), (200_000, 195, 0.5), (400_000, 390, 0.4061), (2_000_000, 976, 0.3084),
 ])
 def test_massive_activations_scale_the_rule_rate_only(tokens, steps, factor):
     plain, massive = resolve_schedule(tokens, 8192), resolve_schedule(tokens, 8192, massive=True)
     assert massive.steps == steps and massive.lr == pytest.approx(massive_documented_lr(steps, 8192), rel=1e-12)
     assert massive.lr == pytest.approx(plain.lr * factor, rel=2e-4)  # the factors the development runs used
     assert (massive.batch_size, massive.steps, massive.warmup_steps) == (plain.batch_size, plain.steps, plain.warmup_steps)
-    written = f"x 0.5*sqrt(min(1, 195/steps)) = {0.5 * math.sqrt(min(1.0, 195 / steps)):.3g} but not below the long-run rate"
+    written = f"x 0.5*min(1, 195/steps)^0.3 = {0.5 * min(1.0, 195 / steps) ** 0.3:.3g} but not below the long-run rate"
     assert written in massive.rule["lr"] and "(massive activations" in massive.rule["lr"]
     assert "massive" not in plain.rule["lr"] and "(the long-run rate here)" not in massive.rule["lr"]
     assert resolve_schedule(tokens, 8192, massive=True, lr=1e-3).lr == 1e-3  # a given rate is kept
@@ -95,15 +95,17 @@ def test_massive_activations_scale_the_rule_rate_only(tokens, steps, factor):
 def test_a_given_batch_size_sets_the_steps_the_massive_factor_follows():
     s = resolve_schedule(400_000, 8192, massive=True, batch_size=4096)  # 97 steps, not the rule's 390
     assert s.steps == 97 and s.lr == pytest.approx(documented_lr(97, 8192) * 0.5, rel=1e-12)
-    s = resolve_schedule(400_000, 8192, massive=True, batch_size=256)  # 1,562 steps: the long-run floor
-    assert s.steps == 1562 and s.lr == pytest.approx(2e-4 / math.sqrt(0.5), rel=1e-12)
+    s = resolve_schedule(400_000, 8192, massive=True, batch_size=128)  # 3,125 steps: the long-run floor
+    assert s.steps == 3125 and s.lr == pytest.approx(2e-4 / math.sqrt(0.5), rel=1e-12)
 
 
 def test_massive_activations_never_go_below_the_long_run_rate():
-    # the factor's rate, long-run rate x 0.5 x sqrt(28000 x 195)/steps, meets the long-run rate at 1,169 steps
+    # the factor's rate, long-run rate x 0.5 x sqrt(28000) x 195^0.3 / steps^0.8, meets the long-run rate at 1,828 steps
     long_run = 2e-4 / math.sqrt(0.5)
-    assert resolve_schedule(1100 * 4096, 8192, massive=True).lr == pytest.approx(long_run * 0.5 * math.sqrt(28000 * 195) / 1100, rel=1e-12)
-    for steps in (1200, 2441, 8000, 244_140):
+    expected = long_run * 0.5 * math.sqrt(28000) * 195**0.3 / 1800**0.8
+    assert long_run < expected < 1.02 * long_run
+    assert resolve_schedule(1800 * 4096, 8192, massive=True).lr == pytest.approx(expected, rel=1e-12)
+    for steps in (1850, 2441, 8000, 244_140):
         s = resolve_schedule(steps * 4096, 8192, massive=True)
         assert s.lr == pytest.approx(long_run, rel=1e-12) and "(the long-run rate here)" in s.rule["lr"]
 
@@ -181,7 +183,7 @@ def test_trainer_applies_the_factor_for_its_step_count(tmp_path):
                          eval_tokens=2048, eval_contexts=0, out=tmp_path / "run")
     trainer = Trainer(config, progress=False)  # 400 steps over 9,952 training rows: further epochs
     assert trainer.steps == 400
-    assert trainer.lr == pytest.approx(documented_lr(400, 512) * 0.5 * math.sqrt(195 / 400), rel=1e-9)
+    assert trainer.lr == pytest.approx(documented_lr(400, 512) * 0.5 * (195 / 400) ** 0.3, rel=1e-9)
 
 
 def test_trainer_uses_prints_and_records_the_rule(tmp_path, capsys):
