@@ -84,7 +84,7 @@ def massive_documented_lr(steps: int, latents: int) -> float:
 def test_massive_activations_scale_the_rule_rate_only(tokens, steps, factor):
     plain, massive = resolve_schedule(tokens, 8192), resolve_schedule(tokens, 8192, massive=True)
     assert massive.steps == steps and massive.lr == pytest.approx(massive_documented_lr(steps, 8192), rel=1e-12)
-    assert massive.lr == pytest.approx(plain.lr * factor, rel=2e-4)  # the factors the development runs used
+    assert massive.lr == pytest.approx(plain.lr * factor, rel=2e-4)  # the factors of the rule, written out
     assert (massive.batch_size, massive.steps, massive.warmup_steps) == (plain.batch_size, plain.steps, plain.warmup_steps)
     written = f"x 0.5*min(1, 195/steps)^0.3 = {0.5 * min(1.0, 195 / steps) ** 0.3:.3g} but not below the long-run rate"
     assert written in massive.rule["lr"] and "(massive activations" in massive.rule["lr"]
