@@ -274,6 +274,37 @@ def test_reads_in_any_index_order(tmp_path, corpus_file, model):
         store.read(site, np.array([store.n_rows]))
 
 
+def _resident_file_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RssFile from /proc (Linux)")
+def test_reads_that_release_pages_hold_a_chunk_not_the_store(tmp_path, monkeypatch):
+    """keep_pages=False (the trainer's reader): the same rows as keep_pages=True, and a scattered read
+    of many rows keeps about RELEASE_ROWS rows' pages resident, not every page it touched: measured in
+    RssFile just before each release, on a 64 MB store that sits in the page cache (just written)."""
+    from interp.store import read as store_read
+    from interp.store.write import write_arrays
+
+    data = torch.randn(16_384, 1024)  # 4 KB rows: one row per page, 64 MB
+    kept = write_arrays(tmp_path / "s", {"x": data}, rows_per_shard=4096)
+    monkeypatch.setattr(store_read, "RELEASE_ROWS", 100)
+    released = store_read.ActivationStore(tmp_path / "s", keep_pages=False)
+    picks = np.random.default_rng(0).permutation(16_384)[:4000]  # unsorted, across every shard
+    peaks = []
+    real_release = store_read._release
+    monkeypatch.setattr(store_read, "_release", lambda m: (peaks.append(_resident_file_mb()), real_release(m)))
+    before = _resident_file_mb()
+    got = released.read("x", picks)
+    assert torch.equal(got, data[torch.from_numpy(picks)])
+    assert torch.equal(released.read("x", slice(50, 9000)), data[50:9000])
+    assert torch.equal(kept.read("x", picks), got)
+    assert len(peaks) >= 40 * 4  # 40 chunks, 4 shards each
+    # 100 rows' pages plus fault-around (up to 16 neighbouring pages each): at most ~6.4 MB, not ~60 MB
+    assert max(peaks) - before < 16, (before, max(peaks))
+
+
 def test_several_sites_stay_aligned_and_ranks_split(tmp_path, corpus_file, model):
     store = harvest(config(tmp_path / "s", corpus_file), model=model, progress=False)
     sites = SITES.split(",")
