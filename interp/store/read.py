@@ -25,8 +25,9 @@ from interp.store import remote
 from interp.store.shuffle import RowPermutation
 
 # keep_pages=False: a read goes through its rows in sorted order and releases the pages after every
-# RELEASE_ROWS of them. A page fault maps a whole cached folio (up to 2 MB on recent kernels), so scattered
-# rows read at once map most of the store: the trainer's 16,384-row initialisation sample held 0.7 GB.
+# RELEASE_ROWS of them, so each part maps a narrower stretch of the store. A page fault maps a whole cached
+# folio (up to 2 MB on recent kernels), so scattered rows read at once map most of the store: the trainer's
+# 16,384-row initialisation sample held 0.7 GB.
 RELEASE_ROWS = 1024
 
 
@@ -38,9 +39,11 @@ class ActivationStore:
 
     Shards are memory-mapped. With ``keep_pages=True`` (the default) the pages read stay mapped,
     which is fastest when the same rows are read again, but the process's resident size grows
-    towards the size of the store; ``keep_pages=False`` unmaps them after every read (they stay
-    in the OS page cache, so reading them again costs a page fault, not a disk read), so resident
-    memory stays about one batch: what a trainer reading a large store wants.
+    towards the size of the store; ``keep_pages=False`` unmaps them after every ``RELEASE_ROWS``
+    rows of a read (they stay in the OS page cache, so reading them again costs a page fault, not a
+    disk read), so resident memory does not grow with the store: what a trainer reading a large
+    store wants. (While one part is read, its rows' folios are mapped: rows scattered over the whole
+    store can map most of it for that moment.)
     """
 
     def __init__(self, root: str | Path, *, keep_pages: bool = True):
@@ -158,7 +161,7 @@ class ActivationStore:
         return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
     def _gather(self, name: str, indices: np.ndarray | slice) -> torch.Tensor:
-        if self.keep_pages:
+        if self.keep_pages or self.fs is not None:  # a remote store maps nothing
             return self._copy_rows(name, indices)
         order = None
         if not isinstance(indices, slice) and indices.size > 1 and (np.diff(indices) < 0).any():
