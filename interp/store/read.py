@@ -168,19 +168,21 @@ class ActivationStore:
             order = np.argsort(indices, kind="stable")
             indices = indices[order]
         n = indices.stop - indices.start if isinstance(indices, slice) else len(indices)
-        parts = []
+        out = None
         for lo in range(0, max(n, 1), RELEASE_ROWS):  # each part: a narrow range of the store
             hi = min(n, lo + RELEASE_ROWS)
-            part = slice(indices.start + lo, indices.start + hi) if isinstance(indices, slice) else indices[lo:hi]
-            parts.append(self._copy_rows(name, part))
+            part = self._copy_rows(name, slice(indices.start + lo, indices.start + hi) if isinstance(indices, slice) else indices[lo:hi])
             for (_, mapped), mapping in self._mmaps.items():
                 if mapped == name:
                     _release(mapping)
-        out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        if order is not None:
-            unsorted = torch.empty_like(out)
-            unsorted[torch.from_numpy(order)] = out
-            return unsorted
+            if hi - lo == n and order is None:
+                return part
+            if out is None:
+                out = torch.empty((n, *part.shape[1:]), dtype=part.dtype)
+            if order is None:
+                out[lo:hi] = part
+            else:  # straight to its place in the caller's order
+                out[torch.from_numpy(order[lo:hi])] = part
         return out
 
     def _copy_rows(self, name: str, indices: np.ndarray | slice) -> torch.Tensor:
