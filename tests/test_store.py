@@ -310,6 +310,9 @@ def test_reads_that_release_pages_hold_a_part_not_the_store(tmp_path, monkeypatc
     assert len(mapped) >= 40 * 4  # 40 parts, each releasing the 4 shards
     # a part of 100 sorted rows spans ~1.6 MB of the store, plus up to a 2 MB folio at each row: not ~64 MB
     assert max(mapped) < 24, max(mapped)
+    few = picks[:30]  # unsorted, within one part (scattered over the store: this one maps much of it)
+    assert torch.equal(released.read("x", few), data[torch.from_numpy(few)])
+    assert released.read("x", np.array([], dtype=np.int64)).shape == (0, 1024)
     assert torch.equal(kept.read("x", picks), got)
 
 
