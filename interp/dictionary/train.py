@@ -143,7 +143,7 @@ class Trainer:
             self.model, self.in_site, self.out_site = None, c.site, c.output_site or c.site
         else:
             self.model = model if model is not None else load_model(c.model, device=self.ranks.device(c.device))
-            return_free_memory()  # a first load converts the embedded model: 0.3 GB freed on the heap
+            return_free_memory()  # a first load converts the embedded model, leaving freed heap behind
             self.in_site = resolve_site(self.model, c.site, c.layer)
             self.out_site = resolve_site(self.model, c.output_site, c.layer) if c.output_site else self.in_site
         self.sites = [self.in_site] if self.out_site == self.in_site else [self.in_site, self.out_site]
