@@ -124,7 +124,7 @@ def default_store(config: TrainConfig, sites: list[str], model_name: str) -> Pat
     return interp_home() / "stores" / f"{model_name}-{config.corpus.replace('/', '_')}-{tag}-{config.tokens + config.eval_tokens}-ctx{config.context_len}"
 
 
-TRIM_EVERY = 50  # steps between returns of free heap memory (about 25 ms each, so steps are not slowed)
+TRIM_EVERY = 50  # steps between returns of free heap memory (a trim after every step slowed training; every 50 does not)
 
 
 class Trainer:
@@ -531,8 +531,7 @@ def _malloc_trim():
 
 def return_free_memory() -> None:
     """Give the C heap's free pages back to the OS (glibc; elsewhere nothing). Freed tensor buffers
-    otherwise stay resident: without it resident memory grew by about 0.8 GB over `make run`'s
-    training (README, "Memory of the main job")."""
+    otherwise stay resident, and resident memory grows over training (README, "Memory of the main job")."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

@@ -26,8 +26,8 @@ from interp.store.shuffle import RowPermutation
 
 # keep_pages=False: a read goes through its rows in sorted order and releases the pages after every
 # RELEASE_ROWS of them, so each part maps a narrower stretch of the store. A page fault maps a whole cached
-# folio (up to 2 MB on recent kernels), so scattered rows read at once map most of the store: the trainer's
-# 16,384-row initialisation sample held 0.7 GB.
+# folio (up to 2 MB on recent kernels), so scattered rows read at once map most of the store (the trainer's
+# 16,384-row initialisation sample did).
 RELEASE_ROWS = 1024
 
 
