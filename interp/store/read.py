@@ -161,20 +161,26 @@ class ActivationStore:
         return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
     def _gather(self, name: str, indices: np.ndarray | slice) -> torch.Tensor:
-        if self.keep_pages or self.fs is not None:  # a remote store maps nothing
-            return self._copy_rows(name, indices)
+        """Rows ``indices`` of ``name`` in the caller's order, read in sorted order: with ``keep_pages=False``
+        on a local store ``RELEASE_ROWS`` at a time, the pages released after each part."""
         order = None
-        if not isinstance(indices, slice) and indices.size > 1 and (np.diff(indices) < 0).any():
-            order = np.argsort(indices, kind="stable")
-            indices = indices[order]
+        if not isinstance(indices, slice):
+            if indices.size and (indices.min() < 0 or indices.max() >= self.n_rows):
+                raise InputError(f"row indices out of range for a store of {self.n_rows} rows")
+            if indices.size > 1 and (np.diff(indices) < 0).any():
+                order = np.argsort(indices, kind="stable")
+                indices = indices[order]
         n = indices.stop - indices.start if isinstance(indices, slice) else len(indices)
+        releasing = not self.keep_pages and self.fs is None  # a remote store maps nothing
+        step = RELEASE_ROWS if releasing else max(n, 1)
         out = None
-        for lo in range(0, max(n, 1), RELEASE_ROWS):  # each part: a narrow range of the store
-            hi = min(n, lo + RELEASE_ROWS)
+        for lo in range(0, max(n, 1), step):  # each part: a narrow range of the store
+            hi = min(n, lo + step)
             part = self._copy_rows(name, slice(indices.start + lo, indices.start + hi) if isinstance(indices, slice) else indices[lo:hi])
-            for (_, mapped), mapping in self._mmaps.items():
-                if mapped == name:
-                    _release(mapping)
+            if releasing:
+                for (_, mapped), mapping in self._mmaps.items():
+                    if mapped == name:
+                        _release(mapping)
             if hi - lo == n and order is None:
                 return part
             if out is None:
@@ -186,6 +192,7 @@ class ActivationStore:
         return out
 
     def _copy_rows(self, name: str, indices: np.ndarray | slice) -> torch.Tensor:
+        """Rows at a slice or sorted, in-range ``indices``."""
         first_map = self._array(0, name)
         if isinstance(indices, slice):  # contiguous: one copy per shard touched
             start, stop = indices.start, indices.stop
@@ -197,12 +204,6 @@ class ActivationStore:
                 out[filled : filled + take].copy_(self._array(shard, name)[lo : lo + take])
                 filled, shard = filled + take, shard + 1
             return out
-        if indices.size and (indices.min() < 0 or indices.max() >= self.n_rows):
-            raise InputError(f"row indices out of range for a store of {self.n_rows} rows")
-        order = None
-        if indices.size > 1 and (np.diff(indices) < 0).any():
-            order = np.argsort(indices, kind="stable")
-            indices = indices[order]
         # Sorted rows: each shard's rows are one contiguous run of `indices`, gathered in place.
         bounds = np.searchsorted(indices, self.offsets)
         out = torch.empty((len(indices), first_map.shape[1]), dtype=first_map.dtype)
@@ -215,10 +216,6 @@ class ActivationStore:
                     continue
                 local = torch.from_numpy(indices[lo:hi] - self.offsets[shard])
                 torch.index_select(array, 0, local, out=out[lo:hi])
-        if order is not None:
-            unsorted = torch.empty_like(out)
-            unsorted[torch.from_numpy(order)] = out
-            return unsorted
         return out
 
     def batches(
