@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -109,6 +110,36 @@ def test_auxk_revives_dead_latents():
     (dead_without, fvu_without), (dead_with, fvu_with) = run(10**9), run(1000)
     assert dead_without == 32 and dead_with <= 10, (dead_without, dead_with)
     assert fvu_with < 0.6 * fvu_without
+
+
+@pytest.mark.parametrize("dense_limit", [1024, 0])  # the dense path, then the sparse kernels
+@pytest.mark.parametrize("n_dead", [1, 70, 200])  # padded to 64, 128, 256 latents
+def test_auxk_reconstruction_matches_a_plain_top_k_of_the_dead_latents(monkeypatch, dense_limit, n_dead):
+    """AuxK's reconstruction and its gradients against a per-row loop over the dead latents: the
+    k_aux largest ReLU pre-activations, decoded with their decoder rows (the padding never fires)."""
+    train_module = importlib.import_module("interp.dictionary.train")  # the package exports a function of that name
+    monkeypatch.setattr(train_module, "AUXK_DENSE_LATENTS", dense_limit)
+    d = SparseDictionary(DictionaryConfig(d_in=24, n_latents=512, k=4), seed=1)
+    d.compute_dtype = None  # float32: selection is exact, so the two can be compared latent for latent
+    z = torch.randn(40, 24, generator=torch.Generator().manual_seed(2))
+    dead = torch.randperm(512, generator=torch.Generator().manual_seed(3))[:n_dead].sort().values
+    k_aux = min(12, n_dead)
+    got = train_module.auxk_reconstruction(d, z, dead, k_aux)
+    got.pow(2).sum().backward()
+    grads = [p.grad.clone() for p in (d.W_enc, d.b_enc, d.W_dec)]
+    for p in d.parameters():
+        p.grad = None
+    rows = []
+    for row in z:
+        pre = torch.relu(d.W_enc[dead] @ row + d.b_enc[dead])
+        top = torch.argsort(pre.detach(), descending=True)[:k_aux]
+        rows.append(sum(pre[j] * d.W_dec[dead[j]] for j in top.tolist()))
+    expected = torch.stack(rows)
+    expected.pow(2).sum().backward()
+    assert torch.allclose(got, expected, atol=1e-5)
+    for mine, plain in zip(grads, (d.W_enc.grad, d.b_enc.grad, d.W_dec.grad)):
+        assert torch.allclose(mine, plain, atol=1e-4), float((mine - plain).abs().max())
+    assert float(d.W_enc.grad.abs().sum()) > 0  # gradients reached the dead latents
 
 
 def identity_dictionary(d_model: int) -> SparseDictionary:

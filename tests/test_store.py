@@ -274,46 +274,49 @@ def test_reads_in_any_index_order(tmp_path, corpus_file, model):
         store.read(site, np.array([store.n_rows]))
 
 
-def _resident_mb_under(folder) -> float:
-    """Resident memory of this process's mappings of files under ``folder`` (exact, page cache or tmpfs)."""
-    total, inside = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:  # a mapping's header line
-                inside = str(folder) in line
-            elif inside and line.startswith("Rss:"):
-                total += int(line.split()[1])
-    return total / 1024
+def _mappings_under(folder) -> list[str]:
+    """This process's memory mappings of files under ``folder``."""
+    with open("/proc/self/maps") as f:
+        return [line for line in f if str(folder) in line]
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads /proc/self/smaps (Linux)")
-def test_reads_that_release_pages_hold_a_part_not_the_store(tmp_path, monkeypatch):
-    """keep_pages=False (the trainer's reader): the same rows as keep_pages=True, and a read of many
-    scattered rows maps one part's stretch of the store at a time, not every page it touched:
-    measured over the store's own mappings just before each release, on a 64 MB store."""
-    from interp.store import read as store_read
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_unmapped_reads_match_the_data_and_map_nothing(tmp_path, dtype):
+    """keep_pages=False (the trainer's reader) copies rows with pread: the rows written, in the
+    caller's order, across shards, and not one mapping of the store's files (a memory map would map
+    a whole cached folio, up to 2 MB, around every scattered row it reads)."""
     from interp.store.write import write_arrays
 
-    data = torch.randn(16_384, 1024)  # 4 KB rows, 64 MB
-    kept = write_arrays(tmp_path / "s", {"x": data}, rows_per_shard=4096)
-    monkeypatch.setattr(store_read, "RELEASE_ROWS", 100)
-    released = store_read.ActivationStore(tmp_path / "s", keep_pages=False)
-    picks = np.random.default_rng(0).permutation(16_384)[:4000]  # unsorted, across every shard
-    picks[:50] = picks[50:100]  # and repeated
-    mapped = []
-    real_release = store_read._release
-    monkeypatch.setattr(store_read, "_release", lambda m: (mapped.append(_resident_mb_under(tmp_path)), real_release(m)))
-    got = released.read("x", picks)
-    assert torch.equal(got, data[torch.from_numpy(picks)])
-    assert torch.equal(released.read("x", slice(50, 9000)), data[50:9000])
-    assert _resident_mb_under(tmp_path) < 1  # all released
-    assert len(mapped) >= 40 * 4  # 40 parts, each releasing the 4 shards
-    # a part of 100 sorted rows spans ~1.6 MB of the store, plus up to a 2 MB folio at each row: not ~64 MB
-    assert max(mapped) < 24, max(mapped)
-    few = picks[:30]  # unsorted, within one part (scattered over the store: this one maps much of it)
-    assert torch.equal(released.read("x", few), data[torch.from_numpy(few)])
-    assert released.read("x", np.array([], dtype=np.int64)).shape == (0, 1024)
-    assert torch.equal(kept.read("x", picks), got)
+    data = torch.randn(10_000, 96)
+    kept = write_arrays(tmp_path / "s", {"x": data, "y": -data}, rows_per_shard=4096, dtype=dtype)
+    expected = data.to(getattr(torch, dtype))
+    unmapped = ActivationStore(tmp_path / "s", keep_pages=False)
+    picks = np.random.default_rng(0).integers(0, 10_000, 3_000)  # unsorted, repeated, all three shards
+    runs = np.concatenate([np.arange(4090, 4110), [0, 1, 2, 9999]])  # consecutive runs across a shard boundary
+    for rows in (picks, runs, picks[:1], np.array([], dtype=np.int64)):
+        assert torch.equal(unmapped.read("x", rows, dtype=None), expected[torch.from_numpy(rows)])
+    assert torch.equal(unmapped.read("y", slice(50, 9000), dtype=None), -expected[50:9000])
+    assert torch.equal(unmapped.read("x", dtype=None), expected)
+    assert np.array_equal(unmapped.rows(picks)[:, :2], np.stack([picks, np.zeros_like(picks)], 1))  # context = row
+    batch = next(iter(unmapped.batches(["x", "y"], 512, shuffle=True, seed=3, dtype=None)))
+    assert torch.equal(batch["y"], -batch["x"])
+    assert _mappings_under(tmp_path / "s") == []
+    kept.read("x", picks)  # the check itself: the memory-mapped reader does map the store
+    assert _mappings_under(tmp_path / "s") != []
+
+
+def test_a_shard_cut_short_after_opening_is_a_clear_error(tmp_path):
+    from interp.store.write import write_arrays
+
+    write_arrays(tmp_path / "s", {"x": torch.randn(1000, 16)})
+    store = ActivationStore(tmp_path / "s", keep_pages=False)
+    assert store.read("x", slice(0, 10)).shape == (10, 16)  # opened, sizes checked
+    shard = next((tmp_path / "s").rglob("x.npy"))
+    os.truncate(shard, shard.stat().st_size - 16 * 4 * 10)
+    assert store.read("x", slice(0, 10)).shape == (10, 16)  # rows still there
+    with pytest.raises(StoreError, match="ended early"):
+        store.read("x", np.array([5, 995]))
 
 
 def test_several_sites_stay_aligned_and_ranks_split(tmp_path, corpus_file, model):

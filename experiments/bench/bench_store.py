@@ -16,8 +16,8 @@ cache dir and reused), all served from the page cache (each case is warmed first
                          each timed pass reads a new epoch, so the cost of the epoch's order is counted
   ... full permutation   the same reader with the order it had before the keyed bijection (a full int64
                          permutation of the rows per epoch), for the regression check
-  ... pages released     the same through ActivationStore(keep_pages=False), as the trainer reads: pages
-                         unmapped after every batch (resident memory stays one batch), faulted in again
+  ... unmapped (pread)   the same through ActivationStore(keep_pages=False), as the trainer reads: rows
+                         copied with pread, nothing mapped (resident memory holds the batch, no more)
   SAELens format, shuf.  as SAELens shuffles: random whole contexts taken from the Arrow dataset, then
                          their tokens permuted (a context-level shuffle plus mixing; true token-level
                          random access in this layout would read nearly every context per batch)
@@ -106,7 +106,7 @@ def main() -> None:
             np.take(raw, rows, axis=0, out=buffer)
 
     loader = store.batches(SITE, batch, shuffle=True, seed=0, dtype=None)
-    released = ActivationStore(root, keep_pages=False).batches(SITE, batch, shuffle=True, seed=0, dtype=None)
+    unmapped = ActivationStore(root, keep_pages=False).batches(SITE, batch, shuffle=True, seed=0, dtype=None)
 
     def read_new_epoch(reader) -> None:
         # every call reads a new epoch, as training does: the epoch's order is part of the cost
@@ -117,8 +117,8 @@ def main() -> None:
     def store_shuffled() -> None:
         read_new_epoch(loader)
 
-    def store_shuffled_released() -> None:
-        read_new_epoch(released)
+    def store_shuffled_unmapped() -> None:
+        read_new_epoch(unmapped)
 
     full = store.batches(SITE, batch, shuffle=True, seed=0, dtype=None)
 
@@ -152,7 +152,7 @@ def main() -> None:
                  targets={"store, sequential": 1 / 0.7})
     timed = interleaved({"raw memmap gather": raw_gather, "raw memmap gather, torch": raw_torch_gather,
                          "store, shuffled": store_shuffled, "store, shuffled, full permutation (before)": store_shuffled_full_permutation,
-                         "store, shuffled, pages released (trainer)": store_shuffled_released,
+                         "store, shuffled, unmapped (pread, trainer)": store_shuffled_unmapped,
                          "SAELens format, shuffled": saelens_shuffled},
                         repeats=args.repeats)
     shuf = report(f"Token-level shuffled read, {gathered / 1e9:.2f} GB per pass, batch {batch}", timed,

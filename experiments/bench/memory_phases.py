@@ -1,49 +1,81 @@
-"""Where the quick start's memory goes: peak resident memory (RSS) per phase of `make run`'s job.
+"""Where the quick start's memory goes: the exact peak resident memory (RSS) of each phase of `make run`'s job.
 
     python experiments/bench/memory_phases.py [--tokens 400k] [--store STORE] [--out runs/bench/memory_phases]
 
 Runs `interp train-sae --model smollm2-135m --layer 6 --site resid_post --k 32 --latents 8192
---tokens 400k` in this process while a thread samples VmRSS every
-20 ms, and prints the peak of each phase: loading the model, harvesting the store (only if it is
-missing), training, and the final evaluation (reconstruction on held-out rows, then the model's
-loss with the SAE spliced in, whose 49k-token logits are the largest tensors of the job), with
-the file-backed part (RssFile: memory-mapped store pages, shared libraries) beside it. The whole
-job's peak, as `/usr/bin/time -v make run` reports it, is the largest of them.
+--tokens 400k` in this process and prints, per phase, the peak RSS and the RSS at its end:
+loading the model, harvesting the store (only if it is missing), set-up (initialisation sample,
+massive-activation test, dictionary), training, and the final evaluation (reconstruction on
+held-out rows; the model's loss with the SAE spliced in, whose 49k-token logits are the largest
+tensors of the job; saving, with the SAELens export). A phase's peak leaves out the phases nested
+in it. Peaks are exact, not sampled: Linux's VmHWM, reset at every phase boundary
+(`/proc/self/clear_refs`). The largest is the job's peak, what `/usr/bin/time -v make run`
+reports, less what the CLI's own imports add.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import shutil
-import sys
-import threading
-import time
 from pathlib import Path
 
 
 def status() -> dict[str, int]:
-    """VmRSS and RssFile of this process, in MB."""
+    """VmHWM and VmRSS of this process, in MB."""
     values = {}
     with open("/proc/self/status") as handle:
         for line in handle:
-            if line.startswith(("VmRSS:", "RssFile:")):
+            if line.startswith(("VmHWM:", "VmRSS:")):
                 name, kb = line.split()[:2]
                 values[name.rstrip(":")] = int(kb) // 1024
     return values
 
 
-class Sampler(threading.Thread):
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.phase, self.peaks = "start", {}
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # VmHWM := VmRSS
 
-    def run(self) -> None:
-        while True:
-            now = status()
-            peak = self.peaks.setdefault(self.phase, {"VmRSS": 0, "RssFile": 0})
-            if now["VmRSS"] > peak["VmRSS"]:
-                peak.update(now)
-            time.sleep(0.02)
+
+class Phases:
+    """A stack of named phases; a phase's peak leaves out the phases nested in it."""
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+        self.peaks: dict[str, dict[str, int]] = {}
+        self.floor = 0  # RSS when the current phase resumed after a nested one (what that one left, not its own)
+
+    def _close(self, name: str) -> None:
+        now = status()
+        entry = self.peaks.setdefault(name, {"peak": 0, "end": 0})
+        if now["VmHWM"] > self.floor:
+            entry["peak"] = max(entry["peak"], now["VmHWM"])
+        entry["end"] = now["VmRSS"]
+        reset_peak()
+        self.floor = 0
+
+    def enter(self, name: str) -> None:
+        if self.stack:
+            self._close(self.stack[-1])
+        else:
+            reset_peak()
+        self.stack.append(name)
+        self.floor = 0
+
+    def leave(self) -> None:
+        self._close(self.stack.pop())
+        self.floor = status()["VmRSS"]
+
+    def wrap(self, owner, attribute: str, name: str) -> None:
+        fn = getattr(owner, attribute)
+
+        def wrapped(*a, **kw):
+            self.enter(name)
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.leave()
+        setattr(owner, attribute, wrapped)
 
 
 def main() -> None:
@@ -52,46 +84,34 @@ def main() -> None:
     parser.add_argument("--tokens", default="400k")
     parser.add_argument("--store", type=Path, default=None, help="default: the quick start's store in the cache dir")
     args = parser.parse_args()
-    sampler = Sampler()
-    sampler.start()
-
-    import importlib
-
-    import interp.store.write as write
+    phases = Phases()
+    phases.enter("imports")
     from interp.dictionary import TrainConfig
     from interp.models import load_model
 
-    train_module = importlib.import_module("interp.dictionary.train")  # the module (the package exports a function of that name)
-
-    def phase(name, fn):
-        def wrapped(*a, **kw):
-            previous, sampler.phase = sampler.phase, name
-            try:
-                return fn(*a, **kw)
-            finally:
-                sampler.phase = previous
-        return wrapped
-
-    write_harvest = write.harvest
-    train_module.harvest = phase("harvest", write_harvest)
-    Trainer = train_module.Trainer
-    Trainer.finish = phase("evaluation", Trainer.finish)
-    Trainer.run = phase("training", Trainer.run)
+    train_module = importlib.import_module("interp.dictionary.train")  # the package exports a function of that name
+    phases.wrap(train_module, "harvest", "harvest")
+    phases.wrap(train_module.Trainer, "__init__", "set-up")
+    phases.wrap(train_module.Trainer, "run", "training")
+    phases.wrap(train_module.Trainer, "finish", "evaluation and saving")  # called at the end of run()
+    phases.wrap(train_module, "reconstruction_metrics", "evaluation: reconstruction")
+    phases.wrap(train_module, "splice_metrics", "evaluation: CE and KL (logits)")
+    phases.wrap(train_module.io, "save_dictionary", "saving")
+    phases.wrap(train_module.io, "export_saelens", "saving: SAELens export")
 
     settings = dict(model="smollm2-135m", layer=6, site="resid_post", k="32", latents=8192, tokens=args.tokens,
                     out=args.out, store=args.store)
     shutil.rmtree(args.out, ignore_errors=True)
-    sampler.phase = "model load"
+    phases.leave()
+    phases.enter("model load")
     model = load_model("smollm2-135m")
-    sampler.phase = "set-up"
+    phases.leave()
     train_module.train(TrainConfig(**settings), model=model, progress=False)
-    time.sleep(0.1)
-    print(f"{'phase':14s}{'peak RSS MB':>12s}{'of it file-backed':>20s}")
-    for name, peak in sampler.peaks.items():
-        print(f"{name:14s}{peak['VmRSS']:12,d}{peak['RssFile']:20,d}")
-    print(f"peak of the job: {max(p['VmRSS'] for p in sampler.peaks.values()):,} MB")
+    print(f"{'phase':34s}{'peak RSS MB':>12s}{'RSS at end':>12s}")
+    for name, entry in phases.peaks.items():
+        print(f"{name:34s}{entry['peak']:12,d}{entry['end']:12,d}")
+    print(f"peak of the job: {max(e['peak'] for e in phases.peaks.values()):,} MB")
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))
     main()

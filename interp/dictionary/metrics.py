@@ -39,13 +39,14 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def reconstruction_metrics(
-    dictionary: SparseDictionary, store: ActivationStore, rows: tuple[int, int], *, batch_size: int = 4096,
+    dictionary: SparseDictionary, store: ActivationStore, rows: tuple[int, int], *, batch_size: int = 1024,
 ) -> dict[str, float]:
     """Reconstruction metrics over store rows ``rows = (start, stop)``.
 
     Besides the FVU over all rows, ``fvu_inliers`` leaves out rows whose norm exceeds
-    ``OUTLIER_FACTOR`` x the median norm (of the first batch): a handful of massive activations
-    (e.g. SmolLM2's first token after BOS) can hold most of the variance and flatter the FVU.
+    ``OUTLIER_FACTOR`` x the median norm (of the first ``MEDIAN_ROWS`` rows): a handful of
+    massive activations (e.g. SmolLM2's first token after BOS) can hold most of the variance and
+    flatter the FVU.
     """
     c = dictionary.config
     in_site, out_site = c.input_site, c.output_site or c.input_site
@@ -53,7 +54,10 @@ def reconstruction_metrics(
     n = 0
     cos_sum = l0_sum = 0.0
     sums = {"all": _VarianceSums(), "inliers": _VarianceSums()}
-    threshold = None
+    start, stop = rows
+    if stop <= start:
+        raise InputError(f"no rows to evaluate in {rows}")
+    threshold = OUTLIER_FACTOR * float(store.read(out_site, slice(start, min(stop, start + MEDIAN_ROWS))).norm(dim=-1).median())
     fires = torch.zeros(c.n_latents, dtype=torch.long)
     dictionary.eval()
     for batch in store.batches(sites, batch_size, rows=rows):
@@ -61,15 +65,12 @@ def reconstruction_metrics(
         code = dictionary.encode(x)
         y_hat = dictionary.decode(code)
         norms = y.norm(dim=-1)
-        threshold = OUTLIER_FACTOR * float(norms.median()) if threshold is None else threshold
         sums["all"].add(y, y_hat)
         sums["inliers"].add(y[norms <= threshold], y_hat[norms <= threshold])
         cos_sum += float(torch.nn.functional.cosine_similarity(y, y_hat, dim=-1).sum())
         l0_sum += float(code.l0().sum())
         fires += code.fire_counts(c.n_latents)
         n += y.shape[0]
-    if n == 0:
-        raise InputError(f"no rows to evaluate in {rows}")
     frequency = fires.double() / n
     fvu = sums["all"].fvu()
     return {
@@ -87,6 +88,7 @@ def reconstruction_metrics(
 
 
 OUTLIER_FACTOR = 10.0
+MEDIAN_ROWS = 4096  # rows whose median norm sets the outlier threshold (whatever the batch size)
 
 
 class _VarianceSums:
@@ -112,12 +114,12 @@ class _VarianceSums:
 @torch.no_grad()
 def splice_metrics(
     model: Model, dictionary: SparseDictionary, tokens: torch.Tensor, *, first_position: int = 1,
-    batch_size: int | None = None, logits_bytes: int = 64 * 2**20,
+    batch_size: int | None = None, logits_bytes: int = 32 * 2**20,
 ) -> dict[str, float]:
     """CE loss of ``model`` on ``tokens`` [contexts, pos]: clean, with the dictionary spliced, and zero-ablated.
 
     Contexts run ``batch_size`` at a time, by default as many as keep one logits tensor within
-    ``logits_bytes`` (two SmolLM2 contexts of 128 tokens: its 49,152-token vocabulary makes the
+    ``logits_bytes`` (one SmolLM2 context of 128 tokens: its 49,152-token vocabulary makes the
     logits, not the model, the largest tensors here); each run's losses are summed before the
     next one starts, so at most two logits tensors exist at once.
     """

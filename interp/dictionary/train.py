@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import interp_kernels as K
@@ -124,6 +125,7 @@ def default_store(config: TrainConfig, sites: list[str], model_name: str) -> Pat
     return interp_home() / "stores" / f"{model_name}-{config.corpus.replace('/', '_')}-{tag}-{config.tokens + config.eval_tokens}-ctx{config.context_len}"
 
 
+AUXK_DENSE_LATENTS = 1024  # padded dead latents up to which AuxK runs dense (see auxk_reconstruction)
 TRIM_EVERY = 50  # steps between returns of free heap memory (a trim after every step slowed training; every 50 does not)
 
 
@@ -475,8 +477,7 @@ def dictionary_loss(d: SparseDictionary, x: torch.Tensor, y: torch.Tensor, dead:
         dead_ids = dead.nonzero().squeeze(1)
         k_aux = min(c.d_in // 2, dead_ids.numel())
         scale = min(dead_ids.numel() / (c.d_in // 2), 1.0)
-        values, local = K.topk_encode(z, d.W_enc[dead_ids], d.b_enc[dead_ids], k_aux, compute_dtype=d.compute_dtype)
-        reconstruction = K.sparse_decode(values, local, d.W_dec[dead_ids])
+        reconstruction = auxk_reconstruction(d, z, dead_ids, k_aux)
         auxk = scale * (reconstruction - error.detach()).pow(2).sum() / total_var
         loss = loss + auxk_coefficient * auxk
         parts["auxk"] = auxk.detach()
@@ -489,6 +490,32 @@ def dictionary_loss(d: SparseDictionary, x: torch.Tensor, y: torch.Tensor, dead:
     parts["loss"] = loss.detach()
     info = reduce.sum_stats(parts)
     return loss, info, reduce.ranks.all_reduce(code.fire_counts(c.n_latents))
+
+
+def auxk_reconstruction(d: SparseDictionary, z: torch.Tensor, dead_ids: torch.Tensor, k_aux: int) -> torch.Tensor:
+    """AuxK's reconstruction: per row, the ``k_aux`` largest ReLU pre-activations among the latents
+    ``dead_ids``, decoded.
+
+    The dead set is padded to a power of two (at least 64) with latents that never fire (weights 0,
+    bias -inf): its size changes every step, and each new bfloat16 matmul shape makes oneDNN build a
+    kernel and keep it for the rest of the run, so resident memory grew step after step (the
+    training phase of ``experiments/bench/memory_phases.py``). Up to ``AUXK_DENSE_LATENTS`` padded latents the selection and the decoding run as
+    dense matmuls, several times faster there than the sparse kernels at k_aux = d_in / 2
+    (``experiments/bench/bench_auxk.py``); above it, the sparse kernels.
+    """
+    n = dead_ids.numel()
+    size = min(d.config.n_latents, 1 << max(6, (n - 1).bit_length()))
+    W_enc = F.pad(d.W_enc[dead_ids], (0, 0, 0, size - n))
+    b_enc = F.pad(d.b_enc[dead_ids], (0, size - n), value=-math.inf)
+    W_dec = F.pad(d.W_dec[dead_ids], (0, 0, 0, size - n))
+    if size > AUXK_DENSE_LATENTS:
+        values, local = K.topk_encode(z, W_enc, b_enc, k_aux, compute_dtype=d.compute_dtype)
+        return K.sparse_decode(values, local, W_dec)
+    dtype = d.compute_dtype or z.dtype
+    pre = torch.addmm(b_enc.to(dtype), z.to(dtype), W_enc.to(dtype).T).float()
+    values, chosen = pre.topk(k_aux, dim=1)
+    code = torch.zeros_like(pre).scatter(1, chosen, values.relu())
+    return code @ W_dec  # float32: decoding in bfloat16 loses too much of the sum
 
 
 def dictionary_metrics(d: SparseDictionary, store: ActivationStore, rows: tuple[int, int], model: Any,

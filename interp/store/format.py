@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -68,6 +68,16 @@ def from_storage(array: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)
+
+
+def npy_header(handle: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of the C-ordered ``.npy`` file open in ``handle`` at its start."""
+    version = np.lib.format.read_magic(handle)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(handle)
+    if fortran_order or len(shape) != 2:
+        raise ValueError(f"expected a C-ordered 2-D array, found shape {shape} (Fortran order: {fortran_order})")
+    return shape, dtype, handle.tell()
 
 
 def sha256_file(path: Path) -> str:

@@ -21,15 +21,9 @@ import torch
 from interp import distributed
 from interp.errors import InputError, StoreError
 from interp.store import format as fmt
-from interp.store import remote
+from interp.store import file_rows, remote
+from interp.store.file_rows import FileRows
 from interp.store.shuffle import RowPermutation
-
-# keep_pages=False: a read goes through its rows in sorted order and releases the pages after every
-# RELEASE_ROWS of them, so each part maps a narrower stretch of the store. A page fault maps a whole cached
-# folio (up to 2 MB on recent kernels), so scattered rows read at once map most of the store (the trainer's
-# 16,384-row initialisation sample did).
-RELEASE_ROWS = 1024
-
 
 class ActivationStore:
     """A store directory opened for reading (only shards recorded in the manifest are visible).
@@ -37,13 +31,12 @@ class ActivationStore:
     ``root`` is a local folder or an fsspec URL (``s3://bucket/store``, ``file:///data/store``, ...):
     local folders are memory-mapped, other filesystems read by byte ranges (``remote.py``).
 
-    Shards are memory-mapped. With ``keep_pages=True`` (the default) the pages read stay mapped,
+    With ``keep_pages=True`` (the default) shards are memory-mapped and the pages read stay mapped,
     which is fastest when the same rows are read again, but the process's resident size grows
-    towards the size of the store; ``keep_pages=False`` unmaps them after every ``RELEASE_ROWS``
-    rows of a read (they stay in the OS page cache, so reading them again costs a page fault, not a
-    disk read), so resident memory does not grow with the store: what a trainer reading a large
-    store wants. (While one part is read, its rows' folios are mapped: rows scattered over the whole
-    store can map most of it for that moment.)
+    towards the size of the store. With ``keep_pages=False`` rows are copied with ``pread`` into
+    the tensor returned (``file_rows.py``) and nothing is mapped, so resident memory holds the rows
+    asked for and no more, whatever the store's size: what a trainer reading a large store wants.
+    (The data stay in the OS page cache either way.)
     """
 
     def __init__(self, root: str | Path, *, keep_pages: bool = True):
@@ -67,8 +60,7 @@ class ActivationStore:
         self.sites: list[str] = list(self.manifest["sites"])
         counts = np.array([s["rows"] for s in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])  # global row index of each shard's start
-        self._maps: dict[tuple[int, str], torch.Tensor] = {}
-        self._mmaps: dict[tuple[int, str], mmap.mmap] = {}
+        self._maps: dict[tuple[int, str], torch.Tensor | FileRows | remote.RangedArray] = {}
 
     # ------------------------------------------------------------ metadata
     @property
@@ -111,9 +103,9 @@ class ActivationStore:
         )
 
     # ------------------------------------------------------------- raw rows
-    def _array(self, shard: int, name: str) -> torch.Tensor | remote.RangedArray:
-        """A shard file as a tensor over its memory map (torch copies/gathers are multi-threaded),
-        or, on a remote filesystem, as a ``RangedArray``."""
+    def _array(self, shard: int, name: str) -> torch.Tensor | FileRows | remote.RangedArray:
+        """A shard file as a tensor over its memory map (torch copies/gathers are multi-threaded);
+        with ``keep_pages=False`` as ``FileRows``; on a remote filesystem as a ``RangedArray``."""
         key = (shard, name)
         if key not in self._maps:
             record = self.shards[shard]
@@ -127,13 +119,15 @@ class ActivationStore:
                     f"shard {record['index']} of {self.root} is damaged: {filename} has {got} bytes, expected "
                     f"{expected}; run `interp store verify {self.root}`"
                 )
+            storage = "int32" if name == "rows" else self.dtype
             if self.fs is not None:
-                self._maps[key] = remote.RangedArray(self.fs, path, "int32" if name == "rows" else self.dtype)
-                return self._maps[key]
-            array, self._mmaps[key] = _map_npy(path)
-            with warnings.catch_warnings():  # read-only map: we never write through it
-                warnings.simplefilter("ignore", UserWarning)
-                self._maps[key] = fmt.from_storage(array, "int32" if name == "rows" else self.dtype)
+                self._maps[key] = remote.RangedArray(self.fs, path, storage)
+            elif not self.keep_pages and file_rows.AVAILABLE:
+                self._maps[key] = FileRows(path, storage)
+            else:
+                with warnings.catch_warnings():  # read-only map: we never write through it
+                    warnings.simplefilter("ignore", UserWarning)
+                    self._maps[key] = fmt.from_storage(_map_npy(path), storage)
         return self._maps[key]
 
     def _size(self, path: Path) -> int | None:
@@ -144,11 +138,6 @@ class ActivationStore:
             return int(self.fs.size(str(path)))
         except FileNotFoundError:
             return None
-
-    def release_pages(self) -> None:
-        """Unmap every page read so far from this process (the data stay in the OS page cache)."""
-        for mapping in self._mmaps.values():
-            _release(mapping)
 
     def rows(self, indices: np.ndarray | slice | None = None) -> np.ndarray:
         """Row metadata [n, 5] (context, position, token, document, document offset) for global rows."""
@@ -161,8 +150,7 @@ class ActivationStore:
         return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
     def _gather(self, name: str, indices: np.ndarray | slice) -> torch.Tensor:
-        """Rows ``indices`` of ``name`` in the caller's order, read in sorted order: with ``keep_pages=False``
-        on a local store ``RELEASE_ROWS`` at a time, the pages released after each part."""
+        """Rows ``indices`` of ``name`` in the caller's order, read in sorted order."""
         order = None
         if not isinstance(indices, slice):
             if indices.size and (indices.min() < 0 or indices.max() >= self.n_rows):
@@ -170,25 +158,11 @@ class ActivationStore:
             if indices.size > 1 and (np.diff(indices) < 0).any():
                 order = np.argsort(indices, kind="stable")
                 indices = indices[order]
-        n = indices.stop - indices.start if isinstance(indices, slice) else len(indices)
-        releasing = not self.keep_pages and self.fs is None  # a remote store maps nothing
-        step = RELEASE_ROWS if releasing else max(n, 1)
-        out = None
-        for lo in range(0, max(n, 1), step):  # each part: a narrow range of the store
-            hi = min(n, lo + step)
-            part = self._copy_rows(name, slice(indices.start + lo, indices.start + hi) if isinstance(indices, slice) else indices[lo:hi])
-            if releasing:
-                for (_, mapped), mapping in self._mmaps.items():
-                    if mapped == name:
-                        _release(mapping)
-            if hi - lo == n and order is None:
-                return part
-            if out is None:
-                out = torch.empty((n, *part.shape[1:]), dtype=part.dtype)
-            if order is None:
-                out[lo:hi] = part
-            else:  # straight to its place in the caller's order
-                out[torch.from_numpy(order[lo:hi])] = part
+        rows = self._copy_rows(name, indices)
+        if order is None:
+            return rows
+        out = torch.empty_like(rows)
+        out[torch.from_numpy(order)] = rows
         return out
 
     def _copy_rows(self, name: str, indices: np.ndarray | slice) -> torch.Tensor:
@@ -201,7 +175,7 @@ class ActivationStore:
             while filled < stop - start:
                 lo = start + filled - int(self.offsets[shard])
                 take = min(int(self.offsets[shard + 1]) - int(self.offsets[shard]) - lo, stop - start - filled)
-                out[filled : filled + take].copy_(self._array(shard, name)[lo : lo + take])
+                _read_into(self._array(shard, name), out[filled : filled + take], slice(lo, lo + take))
                 filled, shard = filled + take, shard + 1
             return out
         # Sorted rows: each shard's rows are one contiguous run of `indices`, gathered in place.
@@ -210,12 +184,7 @@ class ActivationStore:
         for shard in range(len(self.shards)):
             lo, hi = int(bounds[shard]), int(bounds[shard + 1])
             if hi > lo:
-                array = self._array(shard, name)
-                if isinstance(array, remote.RangedArray):
-                    out[lo:hi] = array.take(indices[lo:hi] - self.offsets[shard])
-                    continue
-                local = torch.from_numpy(indices[lo:hi] - self.offsets[shard])
-                torch.index_select(array, 0, local, out=out[lo:hi])
+                _read_into(self._array(shard, name), out[lo:hi], indices[lo:hi] - self.offsets[shard])
         return out
 
     def batches(
@@ -269,21 +238,27 @@ class ActivationStore:
         return problems
 
 
-def _map_npy(path: Path) -> tuple[np.ndarray, mmap.mmap]:
-    """A read-only memory map of a .npy file, as an array and the map itself (to release its pages)."""
+def _map_npy(path: Path) -> np.ndarray:
+    """A read-only memory map of a 2-D ``.npy`` file (the array holds the map open)."""
     with open(path, "rb") as handle:
-        version = np.lib.format.read_magic(handle)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(handle)
-        offset = handle.tell()
+        try:
+            shape, dtype, offset = fmt.npy_header(handle)
+        except ValueError as err:
+            raise StoreError(f"{path}: {err}") from err
         mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    array = np.ndarray(shape, dtype=dtype, buffer=mapping, offset=offset, order="F" if fortran_order else "C")
-    return array, mapping
+    return np.ndarray(shape, dtype=dtype, buffer=mapping, offset=offset)
 
 
-def _release(mapping: mmap.mmap) -> None:
-    if hasattr(mmap, "MADV_DONTNEED"):  # Linux, macOS; elsewhere pages stay mapped
-        mapping.madvise(mmap.MADV_DONTNEED)
+def _read_into(array: torch.Tensor | FileRows | remote.RangedArray, out: torch.Tensor, local: slice | np.ndarray) -> None:
+    """Copy a shard's rows at a slice or sorted local indices into ``out``."""
+    if isinstance(array, FileRows):
+        array.read_into(out, local)
+    elif isinstance(local, slice):
+        out.copy_(array[local])
+    elif isinstance(array, remote.RangedArray):
+        out.copy_(array.take(local))
+    else:
+        torch.index_select(array, 0, torch.from_numpy(local), out=out)
 
 
 def _as_indices(indices: np.ndarray | slice | None, n: int) -> np.ndarray | slice:

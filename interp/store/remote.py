@@ -65,13 +65,11 @@ class RangedArray:
     def __init__(self, fs: Any, path: PurePosixPath, storage: str):
         self.fs, self.path, self.storage = fs, str(path), storage
         head = fs.cat_file(self.path, 0, 4096)
-        handle = io.BytesIO(head)
-        version = np.lib.format.read_magic(handle)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran_order, self.np_dtype = read_header(handle)
-        if fortran_order or len(shape) != 2:
-            raise StoreError(f"{self.path}: expected a C-ordered 2-D array, found shape {shape}")
-        self.offset, self.n_rows, self.width = handle.tell(), shape[0], shape[1]
+        try:
+            shape, self.np_dtype, self.offset = fmt.npy_header(io.BytesIO(head))
+        except ValueError as err:
+            raise StoreError(f"{self.path}: {err}") from err
+        self.n_rows, self.width = shape
         self.row_bytes = self.width * self.np_dtype.itemsize
         self.shape = (self.n_rows, self.width)
         self.dtype = self._tensor(np.empty((0, self.width), self.np_dtype)).dtype
