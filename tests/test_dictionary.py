@@ -113,21 +113,22 @@ def test_auxk_revives_dead_latents():
 
 
 @pytest.mark.parametrize("dense_limit", [1024, 0])  # the dense path, then the sparse kernels
-@pytest.mark.parametrize("n_dead", [1, 70, 200])  # padded to 64, 128, 256 latents
-def test_auxk_reconstruction_matches_a_plain_top_k_of_the_dead_latents(monkeypatch, dense_limit, n_dead):
-    """AuxK's reconstruction and its gradients against a per-row loop over the dead latents: the
-    k_aux largest ReLU pre-activations, decoded with their decoder rows (the padding never fires)."""
+@pytest.mark.parametrize("n_latents, n_dead", [(512, 1), (512, 70), (512, 200), (100, 70)])  # padded to 64, 128, 256, 100
+def test_auxk_reconstruction_matches_a_plain_top_k_of_the_dead_latents(monkeypatch, dense_limit, n_latents, n_dead):
+    """AuxK's reconstruction and its gradients (to the weights and to the encoder input, through
+    which b_dec learns) against a per-row loop over the dead latents: the k_aux largest ReLU
+    pre-activations, decoded with their decoder rows (the padding never fires)."""
     train_module = importlib.import_module("interp.dictionary.train")  # the package exports a function of that name
     monkeypatch.setattr(train_module, "AUXK_DENSE_LATENTS", dense_limit)
-    d = SparseDictionary(DictionaryConfig(d_in=24, n_latents=512, k=4), seed=1)
+    d = SparseDictionary(DictionaryConfig(d_in=24, n_latents=n_latents, k=4), seed=1)
     d.compute_dtype = None  # float32: selection is exact, so the two can be compared latent for latent
-    z = torch.randn(40, 24, generator=torch.Generator().manual_seed(2))
-    dead = torch.randperm(512, generator=torch.Generator().manual_seed(3))[:n_dead].sort().values
+    z = torch.randn(40, 24, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    dead = torch.randperm(n_latents, generator=torch.Generator().manual_seed(3))[:n_dead].sort().values
     k_aux = min(12, n_dead)
     got = train_module.auxk_reconstruction(d, z, dead, k_aux)
     got.pow(2).sum().backward()
-    grads = [p.grad.clone() for p in (d.W_enc, d.b_enc, d.W_dec)]
-    for p in d.parameters():
+    grads = [p.grad.clone() for p in (d.W_enc, d.b_enc, d.W_dec, z)]
+    for p in [*d.parameters(), z]:
         p.grad = None
     rows = []
     for row in z:
@@ -137,7 +138,7 @@ def test_auxk_reconstruction_matches_a_plain_top_k_of_the_dead_latents(monkeypat
     expected = torch.stack(rows)
     expected.pow(2).sum().backward()
     assert torch.allclose(got, expected, atol=1e-5)
-    for mine, plain in zip(grads, (d.W_enc.grad, d.b_enc.grad, d.W_dec.grad)):
+    for mine, plain in zip(grads, (d.W_enc.grad, d.b_enc.grad, d.W_dec.grad, z.grad)):
         assert torch.allclose(mine, plain, atol=1e-4), float((mine - plain).abs().max())
     assert float(d.W_enc.grad.abs().sum()) > 0  # gradients reached the dead latents
 
@@ -515,6 +516,19 @@ def test_fvu_inliers_leaves_out_massive_rows(tmp_path):
     assert metrics["outlier_fraction"] == pytest.approx(3 / 3000)
     assert metrics["fvu_inliers"] == pytest.approx(direct, rel=1e-6)
     assert metrics["fvu"] != pytest.approx(direct, rel=1e-2)  # the massive rows dominate the plain FVU
+
+
+def test_the_outlier_threshold_does_not_depend_on_the_batch_size(tmp_path):
+    """The threshold comes from the first MEDIAN_ROWS rows, not from the first batch: a first batch
+    of small rows would otherwise call most later rows massive."""
+    x, _ = sparse_data(5000, seed=2)
+    x[:300] *= 0.01  # a quiet start: the first 256-row batch's median norm is tiny
+    x[1000::1500] *= 500.0  # three massive rows (1000, 2500, 4000)
+    store = write_arrays(tmp_path / "quiet", {"acts": x})
+    d = SparseDictionary(DictionaryConfig(d_in=32, n_latents=64, k=3, input_site="acts"), seed=0)
+    small, large = (reconstruction_metrics(d, store, (0, 5000), batch_size=b) for b in (256, 4096))
+    assert small["outlier_fraction"] == pytest.approx(3 / 5000) == large["outlier_fraction"]
+    assert small["fvu_inliers"] == pytest.approx(large["fvu_inliers"], rel=1e-6)
 
 
 def test_drop_outliers_leaves_massive_rows_out_of_training(tmp_path):

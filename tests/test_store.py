@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -301,6 +302,8 @@ def test_unmapped_reads_match_the_data_and_map_nothing(tmp_path, dtype):
     assert np.array_equal(unmapped.rows(picks)[:, :2], np.stack([picks, np.zeros_like(picks)], 1))  # context = row
     batch = next(iter(unmapped.batches(["x", "y"], 512, shuffle=True, seed=3, dtype=None)))
     assert torch.equal(batch["y"], -batch["x"])
+    copied = pickle.loads(pickle.dumps(unmapped))  # opens its own files (never a shared descriptor)
+    assert torch.equal(copied.read("x", picks, dtype=None), expected[torch.from_numpy(picks)])
     assert _mappings_under(tmp_path / "s") == []
     kept.read("x", picks)  # the check itself: the memory-mapped reader does map the store
     assert _mappings_under(tmp_path / "s") != []

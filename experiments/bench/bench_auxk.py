@@ -2,8 +2,9 @@
 
     python experiments/bench/bench_auxk.py [--repeats 7]
 
-Forward and backward of ``auxk_reconstruction`` at the quick start's shapes (1,024 rows, d = 576,
-8,192 latents, k_aux = d / 2 = 288, compute dtype as ``--compute-dtype auto`` picks), once through
+Forward and backward (to the weights and the encoder input) of ``auxk_reconstruction`` at the
+quick start's shapes (1,024 rows, d = 576, 8,192 latents, k_aux = d / 2 = 288, compute dtype as
+``--compute-dtype auto`` picks), once through
 the dense path and once through the sparse TopK kernels (``AUXK_DENSE_LATENTS`` set to 0), on the
 same inputs. The ratio is dense / sparse, measured in the same run; below 1 the dense path is
 faster. ``AUXK_DENSE_LATENTS`` in ``interp/dictionary/train.py`` is the padded size up to which the
@@ -35,7 +36,7 @@ def main() -> None:
 
     d = SparseDictionary(DictionaryConfig(d_in=D, n_latents=LATENTS, k=32), seed=0)
     d.compute_dtype = train.compute_dtype("auto")
-    z = torch.randn(ROWS, D, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(ROWS, D, generator=torch.Generator().manual_seed(0), requires_grad=True)  # as in training (b_dec)
     dense_limit = train.AUXK_DENSE_LATENTS
     print(f"compute dtype {d.compute_dtype or torch.float32}; the trainer runs dense up to {dense_limit} padded latents")
 
@@ -44,6 +45,7 @@ def main() -> None:
             train.AUXK_DENSE_LATENTS = limit
             train.auxk_reconstruction(d, z, dead_ids, min(D // 2, len(dead_ids))).pow(2).sum().backward()
             d.zero_grad(set_to_none=True)
+            z.grad = None
         return run
 
     for n in (int(v) for v in args.dead.split(",")):

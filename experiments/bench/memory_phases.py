@@ -7,10 +7,12 @@ Runs `interp train-sae --model smollm2-135m --layer 6 --site resid_post --k 32 -
 loading the model, harvesting the store (only if it is missing), set-up (initialisation sample,
 massive-activation test, dictionary), training, and the final evaluation (reconstruction on
 held-out rows; the model's loss with the SAE spliced in, whose 49k-token logits are the largest
-tensors of the job; saving, with the SAELens export). A phase's peak leaves out the phases nested
-in it. Peaks are exact, not sampled: Linux's VmHWM, reset at every phase boundary
-(`/proc/self/clear_refs`). The largest is the job's peak, what `/usr/bin/time -v make run`
-reports, less what the CLI's own imports add.
+tensors of the job; saving, with the SAELens export), in MiB. A phase's peak leaves out the phases
+nested in it; its "RSS at end" is taken when it ends, after them. Peaks are exact, not sampled:
+Linux's VmHWM, reset at every phase boundary (`/proc/self/clear_refs`). The largest is the job's
+peak, which `/usr/bin/time -v make run` also reports, plus the CLI's own imports, in kbytes; it is
+a separate run, so a peak that moves from run to run can differ. (Resetting VmHWM also lowers what
+`/usr/bin/time` would report for this script itself: measure `make run` with it, not this.)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 
 def status() -> dict[str, int]:
-    """VmHWM and VmRSS of this process, in MB."""
+    """VmHWM and VmRSS of this process, in MiB."""
     values = {}
     with open("/proc/self/status") as handle:
         for line in handle:
@@ -55,10 +57,7 @@ class Phases:
         self.floor = 0
 
     def enter(self, name: str) -> None:
-        if self.stack:
-            self._close(self.stack[-1])
-        else:
-            reset_peak()
+        self._close(self.stack[-1] if self.stack else "outside the phases")
         self.stack.append(name)
         self.floor = 0
 
@@ -107,10 +106,11 @@ def main() -> None:
     model = load_model("smollm2-135m")
     phases.leave()
     train_module.train(TrainConfig(**settings), model=model, progress=False)
-    print(f"{'phase':34s}{'peak RSS MB':>12s}{'RSS at end':>12s}")
+    phases._close("outside the phases")
+    print(f"{'phase (MiB)':34s}{'peak RSS':>12s}{'RSS at end':>12s}")
     for name, entry in phases.peaks.items():
         print(f"{name:34s}{entry['peak']:12,d}{entry['end']:12,d}")
-    print(f"peak of the job: {max(e['peak'] for e in phases.peaks.values()):,} MB")
+    print(f"peak of the job: {max(e['peak'] for e in phases.peaks.values()):,} MiB")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Reading a store: memory-mapped shards served as torch batches, in order or shuffled per token.
+"""Reading a store: shards served as torch batches, in order or shuffled per token.
 
-Many consumers may read one store at once (each opens its own memory maps; the page cache is
-shared). A ``Batches`` iterator has an ``epoch`` and a ``batch`` counter, saved with
+Local shards are memory-mapped, or with ``keep_pages=False`` read with ``pread`` (``file_rows.py``).
+Many consumers may read one store at once (each opens its own files; the page cache is shared). A ``Batches`` iterator has an ``epoch`` and a ``batch`` counter, saved with
 ``state_dict()`` and restored with ``load_state_dict()``, so a trainer resumes on exactly the
 batch where it stopped.
 """
@@ -25,18 +25,20 @@ from interp.store import file_rows, remote
 from interp.store.file_rows import FileRows
 from interp.store.shuffle import RowPermutation
 
+
 class ActivationStore:
     """A store directory opened for reading (only shards recorded in the manifest are visible).
 
     ``root`` is a local folder or an fsspec URL (``s3://bucket/store``, ``file:///data/store``, ...):
-    local folders are memory-mapped, other filesystems read by byte ranges (``remote.py``).
+    local folders are read from the files, other filesystems by byte ranges (``remote.py``).
 
     With ``keep_pages=True`` (the default) shards are memory-mapped and the pages read stay mapped,
     which is fastest when the same rows are read again, but the process's resident size grows
     towards the size of the store. With ``keep_pages=False`` rows are copied with ``pread`` into
     the tensor returned (``file_rows.py``) and nothing is mapped, so resident memory holds the rows
     asked for and no more, whatever the store's size: what a trainer reading a large store wants.
-    (The data stay in the OS page cache either way.)
+    (The data stay in the OS page cache either way. Without ``os.preadv``, e.g. on Windows, shards
+    are memory-mapped as with ``keep_pages=True``.)
     """
 
     def __init__(self, root: str | Path, *, keep_pages: bool = True):
@@ -276,7 +278,7 @@ class Batches:
     Shuffling is per token: each epoch visits every row exactly once, in the order of a keyed
     bijection of the row indices drawn from ``(seed, epoch)`` (``RowPermutation``: computed for
     one batch's positions at a time, so starting an epoch costs no memory or time whatever the
-    number of rows); each batch is read in sorted row order (fast memory-map access) and
+    number of rows); each batch is read in sorted row order (fast file access) and
     returned in that order, the same on every run. With ``world_size > 1`` each rank gets every
     ``world_size``-th batch (``split="batches"``) or its part of every batch (``split="rows"``).
     """
