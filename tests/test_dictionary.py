@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from interp.dictionary import DictionaryConfig, SparseDictionary, TrainConfig, checkpoint, export_saelens, import_saelens, train
 from interp.dictionary.io import load_dictionary, save_dictionary
@@ -259,6 +260,49 @@ def test_saelens_round_trip(tmp_path, architecture):
     back = import_saelens(folder)
     with torch.no_grad():
         torch.testing.assert_close(back(x), d(x), rtol=1e-5, atol=1e-5)
+
+
+def saelens_own_export(d: SparseDictionary, folder):
+    """The reference: the same weights written by SAELens's own config and SAE classes."""
+    from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.transcoder import JumpReLUTranscoder, JumpReLUTranscoderConfig, Transcoder, TranscoderConfig
+
+    c = d.config
+    metadata = SAEMetadata(model_name=c.model, hook_name=c.input_site, hook_name_out=c.output_site or c.input_site,
+                           exported_by="interp")
+    common = dict(d_in=c.d_in, d_sae=c.n_latents, dtype="float32", device="cpu", metadata=metadata)
+    kinds = {("topk", False): (TopKSAE, TopKSAEConfig, dict(k=c.k, apply_b_dec_to_input=True)),
+             ("relu", False): (StandardSAE, StandardSAEConfig, dict(apply_b_dec_to_input=True)),
+             ("relu", True): (Transcoder, TranscoderConfig, dict(d_out=c.out_dim, apply_b_dec_to_input=False)),
+             ("jumprelu", False): (JumpReLUSAE, JumpReLUSAEConfig, dict(apply_b_dec_to_input=True)),
+             ("batchtopk", False): (JumpReLUSAE, JumpReLUSAEConfig, dict(apply_b_dec_to_input=True)),
+             ("jumprelu", True): (JumpReLUTranscoder, JumpReLUTranscoderConfig, dict(d_out=c.out_dim, apply_b_dec_to_input=False))}
+    sae_class, config_class, extra = kinds[(c.architecture, c.is_transcoder)]
+    sae = sae_class(config_class(**extra, **common))
+    sae.load_state_dict(load_file(folder / "sae_weights.safetensors"))  # ours, so only the writing is compared
+    sae.save_model(folder.with_name(folder.name + "-saelens"))
+    return folder.with_name(folder.name + "-saelens")
+
+
+@pytest.mark.parametrize("architecture, transcoder", [("topk", False), ("relu", False), ("relu", True), ("jumprelu", False),
+                                                      ("jumprelu", True), ("batchtopk", False)])
+def test_saelens_export_writes_what_saelens_writes(tmp_path, architecture, transcoder):
+    """cfg.json and the weights file's layout, written without importing SAELens, against SAELens's own writer."""
+    config = DictionaryConfig(d_in=12, n_latents=40, architecture=architecture, k=5, input_site="blocks.1.hook_resid_mid",
+                              model="tiny", **(dict(d_out=10, output_site="blocks.1.hook_mlp_out") if transcoder else {}))
+    d = SparseDictionary(config, seed=2)
+    with torch.no_grad():
+        d.input_scale.fill_(1.3)
+        d.threshold.fill_(0.2)
+    ours = export_saelens(d, tmp_path / "ours")
+    theirs = saelens_own_export(d, ours)
+    assert json.loads((ours / "cfg.json").read_text()) == json.loads((theirs / "cfg.json").read_text())
+    mine, reference = load_file(ours / "sae_weights.safetensors"), load_file(theirs / "sae_weights.safetensors")
+    # names, shapes and dtypes; the values are tested through SAELens's loader (test_saelens_round_trip)
+    assert {k: (v.shape, v.dtype) for k, v in mine.items()} == {k: (v.shape, v.dtype) for k, v in reference.items()}
 
 
 def test_transcoder_export_and_own_format(tmp_path):

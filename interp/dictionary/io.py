@@ -5,8 +5,9 @@ Own format: a folder with ``dictionary.safetensors`` (parameters and buffers) an
 atomically (``interp.paths.atomic_write``), so a crash never leaves a half-written file under the
 real name; the SAELens export folder is written whole and renamed into place.
 
-SAELens format: ``cfg.json`` + ``sae_weights.safetensors`` written and read by SAELens's own
-classes, so ``sae_lens.SAE.load_from_disk`` loads what we export. Input normalisation is folded
+SAELens format: ``cfg.json`` + ``sae_weights.safetensors``, written here as SAELens's own classes
+write them (tested against them) and read with SAELens, so ``sae_lens.SAE.load_from_disk`` loads
+what we export. Input normalisation is folded
 into the weights on export. Mapping: topk -> "topk"; relu -> "standard" (SAE) / "transcoder";
 jumprelu -> "jumprelu" / "jumprelu_transcoder"; batchtopk -> JumpReLU with its inference
 threshold on every latent (what BatchTopK computes at inference). SAELens has no TopK transcoder.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.metadata
 import json
 from pathlib import Path
 from typing import Any
@@ -66,47 +68,42 @@ def _check_width(config: DictionaryConfig, d_in: int | None, where: Path) -> Non
 
 
 def export_saelens(dictionary: SparseDictionary, folder: str | Path) -> Path:
-    """Write ``dictionary`` in SAELens's format (via SAELens's own classes)."""
-    from sae_lens.saes.sae import SAEMetadata
+    """Write ``dictionary`` in SAELens's format: ``cfg.json`` as SAELens's config classes write it, and
+    ``sae_weights.safetensors``.
 
+    Written here without importing SAELens, whose import (with transformers and datasets) was the
+    largest memory cost of the trainer's last phase; ``tests/test_dictionary.py`` checks the files
+    against SAELens's own writer, and loads them with SAELens.
+    """
     d = copy.deepcopy(dictionary).float()
     d.fold_scaling()
     c = d.config
     weights = {"W_enc": d.W_enc.detach().T.contiguous(), "b_enc": d.b_enc.detach(),
                "W_dec": d.W_dec.detach().contiguous(), "b_dec": d.b_dec.detach()}
-    metadata = SAEMetadata(model_name=c.model, hook_name=c.input_site, hook_name_out=c.output_site or c.input_site,
-                           exported_by="interp")
-    common = dict(d_in=c.d_in, d_sae=c.n_latents, dtype="float32", device="cpu", metadata=metadata)
+    extra: dict[str, Any] = {"d_out": c.out_dim} if c.is_transcoder else {}
     if c.architecture == "topk":
         if c.is_transcoder:
             raise InputError("SAELens has no TopK transcoder architecture; export the transcoder with interp's own format")
-        from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
-
-        sae = TopKSAE(TopKSAEConfig(k=c.k, apply_b_dec_to_input=True, **common))
+        extra.update(k=c.k, rescale_acts_by_decoder_norm=False)
+        architecture = "topk"
     elif c.architecture == "relu":
-        if c.is_transcoder:
-            from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
-
-            sae = Transcoder(TranscoderConfig(d_out=c.out_dim, apply_b_dec_to_input=False, **common))
-        else:
-            from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
-
-            sae = StandardSAE(StandardSAEConfig(apply_b_dec_to_input=True, **common))
+        architecture = "transcoder" if c.is_transcoder else "standard"
     else:  # jumprelu, or batchtopk as a JumpReLU with one threshold everywhere
         threshold = d.log_threshold.detach().exp() if c.architecture == "jumprelu" else d.threshold.expand(c.n_latents)
         weights["threshold"] = threshold.clone().contiguous()
-        if c.is_transcoder:
-            from sae_lens.saes.transcoder import JumpReLUTranscoder, JumpReLUTranscoderConfig
-
-            sae = JumpReLUTranscoder(JumpReLUTranscoderConfig(d_out=c.out_dim, apply_b_dec_to_input=False, **common))
-        else:
-            from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
-
-            sae = JumpReLUSAE(JumpReLUSAEConfig(apply_b_dec_to_input=True, **common))
-    sae.load_state_dict(weights)
+        architecture = "jumprelu_transcoder" if c.is_transcoder else "jumprelu"
+    version = importlib.metadata.version("sae_lens")
+    config = {
+        "d_in": c.d_in, "d_sae": c.n_latents, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": not c.is_transcoder, "normalize_activations": "none", "reshape_activations": "none",
+        "metadata": {"sae_lens_version": version, "sae_lens_training_version": version, "model_name": c.model,
+                     "hook_name": c.input_site, "hook_name_out": c.output_site or c.input_site, "exported_by": "interp"},
+        **extra, "architecture": architecture,
+    }
     folder = Path(folder)
     with atomic_directory(folder) as tmp:
-        sae.save_model(tmp)
+        save_file({name: t.contiguous() for name, t in weights.items()}, tmp / "sae_weights.safetensors")
+        (tmp / "cfg.json").write_text(json.dumps(config))
     return folder
 
 
