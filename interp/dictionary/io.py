@@ -7,8 +7,8 @@ real name; the SAELens export folder is written whole and renamed into place.
 
 SAELens format: ``cfg.json`` + ``sae_weights.safetensors``, written here as SAELens's own classes
 write them (tested against them) and read with SAELens, so ``sae_lens.SAE.load_from_disk`` loads
-what we export. Input normalisation is folded
-into the weights on export. Mapping: topk -> "topk"; relu -> "standard" (SAE) / "transcoder";
+what we export. Input normalisation is folded into the weights on export, and so is a transcoder's
+``b_dec`` subtraction (SAELens's transcoders have none). Mapping: topk -> "topk"; relu -> "standard" (SAE) / "transcoder";
 jumprelu -> "jumprelu" / "jumprelu_transcoder"; batchtopk -> JumpReLU with its inference
 threshold on every latent (what BatchTopK computes at inference). SAELens has no TopK transcoder.
 """
@@ -76,8 +76,13 @@ def export_saelens(dictionary: SparseDictionary, folder: str | Path) -> Path:
     against SAELens's own writer, and loads them with SAELens.
     """
     d = copy.deepcopy(dictionary).float()
-    d.fold_scaling()
     c = d.config
+    apply_b_dec_to_input = c.subtract_b_dec
+    if c.is_transcoder and c.subtract_b_dec:  # SAELens's transcoders never subtract b_dec: fold it into b_enc
+        with torch.no_grad():  # before the scales are folded: b_dec is in the output's scale, the encoder in the input's
+            d.b_enc -= d.W_enc @ d.b_dec
+        apply_b_dec_to_input = False
+    d.fold_scaling()
     weights = {"W_enc": d.W_enc.detach().T.contiguous(), "b_enc": d.b_enc.detach(),
                "W_dec": d.W_dec.detach().contiguous(), "b_dec": d.b_dec.detach()}
     extra: dict[str, Any] = {"d_out": c.out_dim} if c.is_transcoder else {}
@@ -95,14 +100,14 @@ def export_saelens(dictionary: SparseDictionary, folder: str | Path) -> Path:
     version = importlib.metadata.version("sae_lens")
     config = {
         "d_in": c.d_in, "d_sae": c.n_latents, "dtype": "float32", "device": "cpu",
-        "apply_b_dec_to_input": not c.is_transcoder, "normalize_activations": "none", "reshape_activations": "none",
+        "apply_b_dec_to_input": apply_b_dec_to_input, "normalize_activations": "none", "reshape_activations": "none",
         "metadata": {"sae_lens_version": version, "sae_lens_training_version": version, "model_name": c.model,
                      "hook_name": c.input_site, "hook_name_out": c.output_site or c.input_site, "exported_by": "interp"},
         **extra, "architecture": architecture,
     }
     folder = Path(folder)
     with atomic_directory(folder) as tmp:
-        save_file({name: t.contiguous() for name, t in weights.items()}, tmp / "sae_weights.safetensors")
+        save_file(weights, tmp / "sae_weights.safetensors")
         (tmp / "cfg.json").write_text(json.dumps(config))
     return folder
 
