@@ -499,9 +499,9 @@ def auxk_reconstruction(d: SparseDictionary, z: torch.Tensor, dead_ids: torch.Te
     The dead set is padded to a power of two (at least 64) with latents that never fire (weights 0,
     bias -inf): its size changes every step, and each new bfloat16 matmul shape makes oneDNN build a
     kernel and keep it for the rest of the run, so resident memory grew step after step (the
-    training phase of ``experiments/bench/memory_phases.py``). Up to ``AUXK_DENSE_LATENTS`` padded latents the selection and the decoding run as
-    dense matmuls, several times faster there than the sparse kernels at k_aux = d_in / 2
-    (``experiments/bench/bench_auxk.py``); above it, the sparse kernels.
+    training phase of ``experiments/bench/memory_phases.py``). Up to ``AUXK_DENSE_LATENTS`` padded
+    latents the selection and the decoding run as dense matmuls, faster there than the sparse
+    kernels at k_aux = d_in / 2 (``experiments/bench/bench_auxk.py``); above it, the sparse kernels.
     """
     n = dead_ids.numel()
     size = min(d.config.n_latents, 1 << max(6, (n - 1).bit_length()))

@@ -1,9 +1,9 @@
 """Reading a store: shards served as torch batches, in order or shuffled per token.
 
 Local shards are memory-mapped, or with ``keep_pages=False`` read with ``pread`` (``file_rows.py``).
-Many consumers may read one store at once (each opens its own files; the page cache is shared). A ``Batches`` iterator has an ``epoch`` and a ``batch`` counter, saved with
-``state_dict()`` and restored with ``load_state_dict()``, so a trainer resumes on exactly the
-batch where it stopped.
+Many consumers may read one store at once (each opens its own files; the page cache is shared).
+A ``Batches`` iterator has an ``epoch`` and a ``batch`` counter, saved with ``state_dict()`` and
+restored with ``load_state_dict()``, so a trainer resumes on exactly the batch where it stopped.
 """
 
 from __future__ import annotations
