@@ -28,10 +28,7 @@ class FileRows:
     def __init__(self, path: Path, storage: str):
         self.path, self.storage = path, storage
         with open(path, "rb") as handle:
-            try:
-                self.shape, np_dtype, self.offset = fmt.npy_header(handle)
-            except ValueError as err:
-                raise StoreError(f"{path}: {err}") from err
+            self.shape, np_dtype, self.offset = fmt.npy_header(handle, path)
         self.row_bytes = self.shape[1] * np_dtype.itemsize
         self.dtype = fmt.from_storage(np.empty((0, self.shape[1]), np_dtype), storage).dtype
         self._fd = os.open(path, os.O_RDONLY)

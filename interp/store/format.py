@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from interp.errors import StoreError
 from interp.paths import write_json
 
 FORMAT = "interp-activation-store"
@@ -70,13 +71,16 @@ def from_storage(array: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def npy_header(handle: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, data offset) of the C-ordered ``.npy`` file open in ``handle`` at its start."""
-    version = np.lib.format.read_magic(handle)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran_order, dtype = read_header(handle)
+def npy_header(handle: BinaryIO, where: object) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of the C-ordered 2-D ``.npy`` file ``where``, open in ``handle`` at its start."""
+    try:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(handle)
+    except ValueError as err:
+        raise StoreError(f"{where}: {err}") from err
     if fortran_order or len(shape) != 2:
-        raise ValueError(f"expected a C-ordered 2-D array, found shape {shape} (Fortran order: {fortran_order})")
+        raise StoreError(f"{where}: expected a C-ordered 2-D array, found shape {shape} (Fortran order: {fortran_order})")
     return shape, dtype, handle.tell()
 
 

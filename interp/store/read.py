@@ -243,10 +243,7 @@ class ActivationStore:
 def _map_npy(path: Path) -> np.ndarray:
     """A read-only memory map of a 2-D ``.npy`` file (the array holds the map open)."""
     with open(path, "rb") as handle:
-        try:
-            shape, dtype, offset = fmt.npy_header(handle)
-        except ValueError as err:
-            raise StoreError(f"{path}: {err}") from err
+        shape, dtype, offset = fmt.npy_header(handle, path)
         mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     return np.ndarray(shape, dtype=dtype, buffer=mapping, offset=offset)
 

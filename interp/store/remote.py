@@ -65,10 +65,7 @@ class RangedArray:
     def __init__(self, fs: Any, path: PurePosixPath, storage: str):
         self.fs, self.path, self.storage = fs, str(path), storage
         head = fs.cat_file(self.path, 0, 4096)
-        try:
-            shape, self.np_dtype, self.offset = fmt.npy_header(io.BytesIO(head))
-        except ValueError as err:
-            raise StoreError(f"{self.path}: {err}") from err
+        shape, self.np_dtype, self.offset = fmt.npy_header(io.BytesIO(head), self.path)
         self.n_rows, self.width = shape
         self.row_bytes = self.width * self.np_dtype.itemsize
         self.shape = (self.n_rows, self.width)
