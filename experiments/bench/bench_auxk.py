@@ -4,9 +4,8 @@
 
 Forward and backward (to the weights and the encoder input) of ``auxk_reconstruction`` at the
 quick start's shapes (1,024 rows, d = 576, 8,192 latents, k_aux = d / 2 = 288, compute dtype as
-``--compute-dtype auto`` picks), once through
-the dense path and once through the sparse TopK kernels (``AUXK_DENSE_LATENTS`` set to 0), on the
-same inputs. The ratio is dense / sparse, measured in the same run; below 1 the dense path is
+``--compute-dtype auto`` picks), once through the dense path and once through the sparse TopK
+kernels (``AUXK_DENSE_LATENTS`` set to 0), on the same inputs. The ratio is dense / sparse, measured in the same run; below 1 the dense path is
 faster. ``AUXK_DENSE_LATENTS`` in ``interp/dictionary/train.py`` is the padded size up to which the
 trainer runs the dense path.
 """

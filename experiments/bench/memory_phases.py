@@ -59,7 +59,6 @@ class Phases:
     def enter(self, name: str) -> None:
         self._close(self.stack[-1] if self.stack else "outside the phases")
         self.stack.append(name)
-        self.floor = 0
 
     def leave(self) -> None:
         self._close(self.stack.pop())

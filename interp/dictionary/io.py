@@ -8,9 +8,10 @@ real name; the SAELens export folder is written whole and renamed into place.
 SAELens format: ``cfg.json`` + ``sae_weights.safetensors``, written here as SAELens's own classes
 write them (tested against them) and read with SAELens, so ``sae_lens.SAE.load_from_disk`` loads
 what we export. Input normalisation is folded into the weights on export, and so is a transcoder's
-``b_dec`` subtraction (SAELens's transcoders have none). Mapping: topk -> "topk"; relu -> "standard" (SAE) / "transcoder";
-jumprelu -> "jumprelu" / "jumprelu_transcoder"; batchtopk -> JumpReLU with its inference
-threshold on every latent (what BatchTopK computes at inference). SAELens has no TopK transcoder.
+``b_dec`` subtraction (SAELens's transcoders have none). Mapping: topk -> "topk"; relu ->
+"standard" (SAE) / "transcoder"; jumprelu -> "jumprelu" / "jumprelu_transcoder"; batchtopk ->
+JumpReLU with its inference threshold on every latent (what BatchTopK computes at inference).
+SAELens has no TopK transcoder.
 """
 
 from __future__ import annotations
