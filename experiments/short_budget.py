@@ -7,13 +7,16 @@ held-out rows, and print FVU / dead / CE recovered / KL per layer and budget.
 A variant is a schedule:
   old          the defaults before the short-budget rule: lr 2e-4/sqrt(latents/16384), 50 warm-up steps, batch 4096
   rule         the defaults now (interp.dictionary.schedule: batch, lr and warm-up from the budget and width,
-               the rate lowered where massive activations dominate the training rows the trainer tests)
+               the rate lowered where massive activations dominate the training rows the trainer tests, and
+               there trained at that rate r and at 2r in lockstep, the one with the lower FVU on training
+               rows kept: the table shows the rate kept)
   rule*F       the rule with its learning rate times F
   plain        the rule without the massive-activation factor (the same as rule where it does not apply)
   plain*F      that rate times F
   lr=X         the rule's batch size and warm-up with learning rate X
-  V,seed=N     variant V with another seed; overrides lr=X, batch=N, warmup=N, seed=N may follow any
-               of them, comma-joined (the table groups seeds of one schedule)
+  V,seed=N     variant V with another seed; overrides lr=X, batch=N, warmup=N, seed=N, decay=F (the fraction
+               of steps with linear decay, default 0.2), dtype=D (--compute-dtype) may follow any of them,
+               comma-joined (the table groups seeds of one schedule)
 
 STORE must hold blocks.{L}.hook_resid_post for every layer; its last --eval-tokens rows are the
 held-out rows of every run. Each run writes runs/short_budget/L{layer}/{budget}/{variant}/ and is
@@ -51,14 +54,16 @@ def variant_settings(variant: str, tokens: int, latents: int, massive: bool) -> 
         base, overrides = "rule", [base, *overrides]
     name, _, factor = base.partition("*")
     if name not in ("old", "rule", "plain") or (factor and name == "old"):
-        raise SystemExit(f"variant {variant!r}: expected old, rule, rule*F, plain or plain*F, then optional ,lr=X ,batch=N ,warmup=N ,seed=N")
-    keys = {"lr": "lr", "batch": "batch_size", "warmup": "warmup_steps", "seed": "seed"}
+        raise SystemExit(f"variant {variant!r}: expected old, rule, rule*F, plain or plain*F, then optional ,lr=X ,batch=N ,warmup=N ,seed=N ,decay=F ,dtype=D")
+    keys = {"lr": "lr", "batch": "batch_size", "warmup": "warmup_steps", "seed": "seed", "decay": "decay_fraction",
+            "dtype": "compute_dtype"}
+    parse = {"lr": float, "decay": float, "dtype": str}
     settings = {"batch_size": 4096, "lr": long_run_lr(latents), "warmup_steps": 50} if name == "old" else {}
     for part in overrides:
         key, _, value = part.partition("=")
         if key not in keys or not value:
-            raise SystemExit(f"variant {variant!r}: unknown override {part!r} (lr=X, batch=N, warmup=N, seed=N)")
-        settings[keys[key]] = float(value) if key == "lr" else int(value)
+            raise SystemExit(f"variant {variant!r}: unknown override {part!r} (lr=X, batch=N, warmup=N, seed=N, decay=F, dtype=D)")
+        settings[keys[key]] = parse.get(key, int)(value)
     rule_lr = resolve_schedule(tokens, latents, massive=massive and name == "rule", batch_size=settings.get("batch_size", 0)).lr
     if (factor or name == "plain") and "lr" not in settings:
         settings["lr"] = rule_lr * float(factor or 1)
@@ -80,7 +85,7 @@ def run_one(model, store: Path, layer: int, tokens: int, variant: str, args) -> 
     from interp.config import parse_count
     from interp.dictionary import TrainConfig, train
 
-    out = RESULTS / f"L{layer}" / f"{args.label_of[tokens]}" / variant.replace("*", "x").replace("=", "").replace(",", "_")
+    out = run_folder(layer, args.label_of[tokens], variant)
     done = out / "metrics.json"
     if not done.exists() and args.table_only:
         return None
@@ -101,8 +106,39 @@ def run_one(model, store: Path, layer: int, tokens: int, variant: str, args) -> 
         train(config, model=model, progress=False)
     metrics = next(iter(json.loads(done.read_text()).values()))
     meta = json.loads((out / "config.json").read_text())["resolved"]
-    return {**{k: metrics[k] for k in METRICS}, "lr": meta["lr"], "batch_size": meta["batch_size"],
+    return {**{k: metrics[k] for k in METRICS}, "lr": metrics.get("lr", meta["lr"]), "batch_size": meta["batch_size"],
             "warmup_steps": meta["warmup_steps"], "steps": meta["steps"], "train_seconds": metrics["train_seconds"]}
+
+
+def run_folder(layer: int, budget: str, variant: str) -> Path:
+    return RESULTS / f"L{layer}" / budget / variant.replace("*", "x").replace("=", "").replace(",", "_")
+
+
+def describe_selection(store_path: Path, layer: int, budget: str, seeds: list[int], eval_tokens: int) -> None:
+    """Which rate the default would keep from the single runs ``rule*1`` and ``rule*2`` (its two candidates where
+    massive activations dominate): their FVU on the trainer's selection rows, beside their held-out FVU."""
+    from interp.dictionary import load_dictionary
+    from interp.dictionary.metrics import rows_fvu
+    from interp.dictionary.schedule import SELECTION_ROWS
+    from interp.dictionary.train import init_sample_rows
+    from interp.store.read import ActivationStore
+
+    store = ActivationStore(store_path)
+    for seed in seeds:
+        rows = init_sample_rows(store.n_rows - eval_tokens, seed, SELECTION_ROWS)
+        found = {}
+        for name in ("rule*1", "rule*2"):
+            folder = run_folder(layer, budget, name + (f",seed={seed}" if seed else ""))
+            if (folder / "metrics.json").exists():
+                dictionary_name, metrics = next(iter(json.loads((folder / "metrics.json").read_text()).items()))
+                found[name] = (rows_fvu(load_dictionary(folder / dictionary_name), store, rows), metrics["fvu"])
+        if len(found) < 2:
+            print(f"- layer {layer}, {budget}, seed {seed}: rule*1 and rule*2 not both run")
+            continue
+        kept = min(found, key=lambda name: found[name][0])
+        print(f"- layer {layer}, {budget}, seed {seed}: FVU on {len(rows):,} training rows "
+              + ", ".join(f"{name} {train:.4f}" for name, (train, _) in found.items()) + f", so the default keeps {kept}; held-out FVU "
+              + ", ".join(f"{name} {held_out:.4f}" for name, (_, held_out) in found.items()))
 
 
 def main() -> None:
@@ -116,12 +152,20 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=65_536)
     parser.add_argument("--eval-contexts", type=int, default=32)
     parser.add_argument("--table-only", action="store_true", help="print the table of the runs that exist; train nothing")
+    parser.add_argument("--selection", default="",
+                        help="seeds (e.g. 0,1): which of the single runs rule*1 and rule*2 the default's selection would keep; train nothing")
     parser.add_argument("--held-out", action="store_true",
                         help="describe the held-out rows per layer (rows above 10x the median norm, their share of the variance); train nothing")
     args = parser.parse_args()
     if args.held_out:
         for layer in (int(v) for v in args.layers.split(",")):
             describe_held_out(args.store, layer, args.eval_tokens)
+        return
+
+    if args.selection:
+        for budget in args.budgets.split(","):
+            for layer in (int(v) for v in args.layers.split(",")):
+                describe_selection(args.store, layer, budget.strip(), [int(v) for v in args.selection.split(",")], args.eval_tokens)
         return
 
     import interp

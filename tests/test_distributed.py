@@ -183,9 +183,12 @@ def test_data_parallel_ranks_share_the_massive_activation_rate(tmp_path, acts_st
     assert done.returncode == 0, done.stderr[-3000:]
     resolved = json.loads((out / "config.json").read_text())["resolved"]
     assert resolved["lr"] == pytest.approx(4.5e-3 * 0.5, rel=1e-9)  # the capped rule for 512 latents on 16 steps, x 0.5
+    assert resolved["lr_candidates"] == [pytest.approx(4.5e-3 * 0.5, rel=1e-9), pytest.approx(4.5e-3, rel=1e-9)]  # and twice it
     assert "massive activations" in resolved["rule"]["lr"] and resolved["world_size"] == 2
-    # both ranks applied it: the two-rank run equals one process at that rate (a rank at another rate would not)
-    single = train_here(store, tmp_path / "one", lr=4.5e-3 * 0.5, latents=512, checkpoint_every=100)
+    metrics = next(iter(json.loads((out / "metrics.json").read_text()).values()))
+    assert len(metrics["lr_selection"]) == 2
+    # both ranks applied it: the two-rank run's kept dictionary equals one process at its rate (a rank at another rate would not)
+    single = train_here(store, tmp_path / "one", lr=metrics["lr"], latents=512, checkpoint_every=100)
     name = next(iter(single))
     assert_same_parameters(tmp_path / "one", out, name, atol=2e-5)
 

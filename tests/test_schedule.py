@@ -92,6 +92,18 @@ def test_massive_activations_scale_the_rule_rate_only(tokens, steps, factor):
     assert resolve_schedule(tokens, 8192, massive=True, lr=1e-3).lr == 1e-3  # a given rate is kept
 
 
+@pytest.mark.parametrize("tokens, plain_steps", [(200_000, 195), (2_000_000, 976), (10_000_000, 2441), (4096 * 7000, 7000)])
+def test_massive_activations_train_the_rate_and_twice_it_but_never_above_the_plain_rule(tokens, plain_steps):
+    s = resolve_schedule(tokens, 8192, massive=True)
+    assert s.lr_candidates == [s.lr, pytest.approx(min(2 * s.lr, documented_lr(plain_steps, 8192)), rel=1e-12)]
+    assert "train in lockstep" in s.rule["lr"] and f"lr {s.lr:.3g} or {s.lr_candidates[1]:.3g} (rule:" in s.describe()
+    # at 28,000 steps and beyond the plain rule is the long-run rate, the massive rate's floor: one candidate
+    long = resolve_schedule(28_000 * 4096, 8192, massive=True)
+    assert long.lr_candidates == [long.lr] and "lockstep" not in long.rule["lr"]
+    assert resolve_schedule(tokens, 8192).lr_candidates == [resolve_schedule(tokens, 8192).lr]  # without massive rows
+    assert resolve_schedule(tokens, 8192, massive=True, lr=1e-3).lr_candidates == [1e-3]  # a given rate
+
+
 def test_a_given_batch_size_sets_the_steps_the_massive_factor_follows():
     s = resolve_schedule(400_000, 8192, massive=True, batch_size=4096)  # 97 steps, not the rule's 390
     assert s.steps == 97 and s.lr == pytest.approx(documented_lr(97, 8192) * 0.5, rel=1e-12)
@@ -270,3 +282,37 @@ def test_short_budget_variants_name_the_rates_they_train_at():
     assert settings == {"batch_size": 4096, "lr": pytest.approx(2e-4 / math.sqrt(0.5)), "warmup_steps": 50, "seed": 3}
     with pytest.raises(SystemExit, match="expected old, rule"):
         module.variant_settings("best", 200_000, 8192, massive=False)
+
+
+def test_two_candidate_rates_train_in_lockstep_and_the_better_on_training_rows_is_kept(tmp_path, capsys):
+    """Each candidate trains exactly as a run given its rate would; the one kept has the lower FVU,
+    computed here with plain torch on the training rows, and is what the run saves."""
+    from interp.dictionary import load_dictionary
+
+    store = massive_store(tmp_path, 60, 400)
+    common = dict(model="none", store=store.root, site="acts", k="2", latents=4096, tokens=8 * 1024, eval_tokens=2048,
+                  eval_contexts=0, checkpoint_every=10**9)
+    lockstep = TrainConfig(**common, out=tmp_path / "lockstep")
+    trainer = Trainer(lockstep, progress=False)
+    rates = trainer.schedule.lr_candidates
+    assert len(rates) == 2 and rates[1] == pytest.approx(2 * rates[0], rel=1e-12) and len(trainer.dictionaries) == 2
+    metrics = next(iter(train(lockstep, progress=True).values()))
+    assert "lr kept (FVU on 9,952 training rows" in capsys.readouterr().out.replace(f"lr {metrics['lr']:.3g} kept", "lr kept")
+
+    x = torch.from_numpy(np.asarray(store.read("acts", np.arange(9952)))).double()  # every training row (fewer than 65,536)
+    fvu, weights = {}, {}
+    for rate in rates:
+        single = TrainConfig(**common, lr=rate, out=tmp_path / f"lr{rate:.3g}")
+        train(single, progress=False)
+        d = load_dictionary(single.out / "sae-topk-k2-4096")
+        with torch.no_grad():
+            error = (x - d.decode(d.encode(x.float())).double()).pow(2).sum()
+        fvu[rate] = float(error / (x - x.mean(0)).pow(2).sum())
+        weights[rate] = d.W_dec.detach().clone()
+    assert fvu[rates[0]] != pytest.approx(fvu[rates[1]], rel=1e-3)  # the two rates really differ here
+    kept = min(rates, key=fvu.__getitem__)
+    assert metrics["lr"] == kept
+    assert metrics["lr_selection"] == {f"{r:.6g}": pytest.approx(fvu[r], rel=1e-6) for r in rates}
+    saved = load_dictionary(tmp_path / "lockstep" / "sae-topk-k2-4096")
+    assert torch.equal(saved.W_dec, weights[kept])  # bit for bit the single run at the kept rate
+    assert json.loads((tmp_path / "lockstep" / "sae-topk-k2-4096" / "dictionary.json").read_text())["training"]["lr"] == kept

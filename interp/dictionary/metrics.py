@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 import interp
@@ -89,6 +90,21 @@ def reconstruction_metrics(
 
 OUTLIER_FACTOR = 10.0
 MEDIAN_ROWS = 4096  # rows whose median norm sets the outlier threshold (whatever the batch size)
+
+
+@torch.no_grad()
+def rows_fvu(dictionary: SparseDictionary, store: ActivationStore, rows: np.ndarray, *, batch_size: int = 4096) -> float:
+    """The FVU of ``dictionary`` over the store rows ``rows`` (sorted indices), read ``batch_size`` at a time."""
+    c = dictionary.config
+    in_site, out_site = c.input_site, c.output_site or c.input_site
+    sums = _VarianceSums()
+    dictionary.eval()
+    for start in range(0, len(rows), batch_size):
+        part = rows[start:start + batch_size]
+        x = store.read(in_site, part)
+        y = x if out_site == in_site else store.read(out_site, part)
+        sums.add(y, dictionary.decode(dictionary.encode(x)))
+    return sums.fvu()
 
 
 class _VarianceSums:

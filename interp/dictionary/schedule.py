@@ -15,7 +15,10 @@ the width, unless given explicitly. The rule (README, "Short budgets"):
   (``MASSIVE_LR_FACTOR`` up to ``MASSIVE_REF_STEPS``, then falling as ``steps ** -MASSIVE_FALL``, so the
   rate falls as steps^-0.8), but not below the long-run rate: at the plain rule's rate the SAE fits those few rows,
   and so the plain FVU, badly (on development layer 15, a relative error of 0.25 on each of them
-  against 0.04 at half the rate);
+  against 0.04 at half the rate). Which rate near it suits a layer differs from layer to layer (at 2M,
+  x 0.31 of the plain rate at layers 11-13, 15 and 17, x 0.45-0.62 at 14 and 16; neither a longer decay
+  nor a float32 encoder changed that), so that rate r and ``min(2r, plain rate)`` train in lockstep and
+  the trainer keeps the one with the lower FVU on ``SELECTION_ROWS`` training rows;
 - warm-up: ``steps / WARMUP_DIVISOR`` steps, at most ``MAX_WARMUP``.
 
 ``LONG_RUN_STEPS`` was chosen on a development layer (SmolLM2-135M layer 3, 8192 latents, k 32,
@@ -42,7 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -61,6 +64,7 @@ MASSIVE_REF_STEPS = 195  # 200k tokens at batch 1024, where the factor was chose
 MASSIVE_FALL = 0.3  # ... as steps^-0.3 (the rate as steps^-0.8); chosen on development layers 11, 13 and 15 at 2M
 MASSIVE_SHARE = 0.25  # massive rows matter when they hold this much of the variance (layer 3: 8-10%; 11, 13, 15: 72-86%)
 MASSIVE_SAMPLE_ROWS = 2**17  # training rows the test reads: massive rows are about 3 in 10,000 (SmolLM2 layer 12)
+SELECTION_ROWS = 2**16  # training rows on which the better of two candidate rates is chosen (about 20 massive rows at layer 12)
 
 
 @dataclass
@@ -70,12 +74,17 @@ class Schedule:
     lr: float
     warmup_steps: int
     rule: dict[str, str]  # per setting: how it was chosen
+    lr_candidates: list[float] = field(default_factory=list)  # rates trained in lockstep, the better kept; [lr] alone by default
+
+    def __post_init__(self) -> None:
+        self.lr_candidates = self.lr_candidates or [self.lr]
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
-        return (f"batch {self.batch_size} x {self.steps} steps ({self.rule['batch_size']}), lr {self.lr:.3g} ({self.rule['lr']}), "
+        rates = " or ".join(f"{r:.3g}" for r in self.lr_candidates)
+        return (f"batch {self.batch_size} x {self.steps} steps ({self.rule['batch_size']}), lr {rates} ({self.rule['lr']}), "
                 f"warm-up {self.warmup_steps} steps ({self.rule['warmup_steps']})")
 
 
@@ -120,7 +129,7 @@ def resolve_schedule(tokens: int, latents: int, *, massive: bool = False, batch_
     if batch_size < 0 or lr < 0 or warmup_steps < -1:
         raise InputError(f"batch_size={batch_size}, lr={lr}, warmup_steps={warmup_steps}: give positive values "
                          "(0 for batch_size and lr, -1 for warmup_steps: choose by the rule)")
-    rule = {}
+    rule, candidates = {}, []
     if batch_size:
         rule["batch_size"] = "given"
     else:
@@ -136,15 +145,20 @@ def resolve_schedule(tokens: int, latents: int, *, massive: bool = False, batch_
         lr = min(MAX_LR, long_run_lr(latents) * math.sqrt(max(1.0, LONG_RUN_STEPS / steps)))
         rule["lr"] = f"rule: 2e-4/sqrt(latents/16384) x sqrt(max(1, {LONG_RUN_STEPS}/steps)), at most {MAX_LR:g}"
         if massive:  # never below the long-run rate: the factor was fitted on short runs (one 10M run below it did worse)
-            factor, floor = massive_lr_factor(steps), long_run_lr(latents)
+            factor, floor, plain = massive_lr_factor(steps), long_run_lr(latents), lr
             floored = lr * factor < floor
             lr = max(floor, lr * factor)
+            # which of r and 2r suits a layer differs from layer to layer (README, "Short budgets"): train both
+            candidates = sorted({lr, min(2 * lr, plain)})
             rule["lr"] += (f", x {MASSIVE_LR_FACTOR:g}*min(1, {MASSIVE_REF_STEPS}/steps)^{MASSIVE_FALL:g} = {factor:.3g} but not below "
                            f"the long-run rate{' (the long-run rate here)' if floored else ''} (massive activations: rows above "
                            f"{OUTLIER_FACTOR:g}x the median norm hold {MASSIVE_SHARE:.0%}+ of the variance)")
+            if len(candidates) > 1:
+                rule["lr"] += (f"; it and twice it (at most the rule's rate) train in lockstep, the one with the lower FVU on "
+                               f"{SELECTION_ROWS:,} training rows is kept")
     if warmup_steps >= 0:
         rule["warmup_steps"] = "given"
     else:
         warmup_steps = min(MAX_WARMUP, max(1, steps // WARMUP_DIVISOR))
         rule["warmup_steps"] = f"rule: steps/{WARMUP_DIVISOR}, at most {MAX_WARMUP}"
-    return Schedule(batch_size=batch_size, steps=steps, lr=lr, warmup_steps=warmup_steps, rule=rule)
+    return Schedule(batch_size=batch_size, steps=steps, lr=lr, warmup_steps=warmup_steps, rule=rule, lr_candidates=candidates)

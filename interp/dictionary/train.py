@@ -37,10 +37,10 @@ import interp_kernels as K
 from interp import distributed
 from interp.config import config_dict, opt, parse_count
 from interp.dictionary import checkpoint, io
-from interp.dictionary.metrics import metrics_table, reconstruction_metrics, splice_metrics
+from interp.dictionary.metrics import metrics_table, reconstruction_metrics, rows_fvu, splice_metrics
 from interp.dictionary.parallel import BatchReduce, merge_histories, parallel_mode
 from interp.dictionary.sae import DictionaryConfig, SparseDictionary, jumprelu_l0
-from interp.dictionary.schedule import (MASSIVE_SAMPLE_ROWS, MASSIVE_SHARE, Schedule, massive_share_in,
+from interp.dictionary.schedule import (MASSIVE_SAMPLE_ROWS, MASSIVE_SHARE, SELECTION_ROWS, Schedule, massive_share_in,
                                        resolve_schedule)
 from interp.errors import InputError, TrainingError
 from interp.faults import fault_point
@@ -64,7 +64,8 @@ class TrainConfig:
     out: Path = opt(Path("runs/sae"), "output folder")
     batch_size: int = opt(0, "tokens per step; 0 = chosen from --tokens (the short-budget rule, see the README)")
     lr: float = opt(0.0, "Adam learning rate; 0 = chosen from --tokens and --latents, lowered where massive activations "
-                                 "dominate the training rows (the short-budget rule)")
+                                 "dominate the training rows, and there that rate and twice it trained in lockstep, the "
+                                 "better on training rows kept (the short-budget rule)")
     warmup_steps: int = opt(-1, "linear learning-rate warm-up, in steps; -1 = chosen from the number of steps")
     decay_fraction: float = opt(0.2, "fraction of steps at the end with linear decay to 0")
     auxk_coefficient: float = opt(1 / 32, "weight of the AuxK loss (topk / batchtopk)")
@@ -174,9 +175,14 @@ class Trainer:
         # dictionary-parallel: rank r owns dictionaries r, r + N, ...; data-parallel: every rank all of them
         owned = c.ks()[self.ranks.rank::self.ranks.world_size] if self.parallel == "dictionaries" else c.ks()
         self.all_names = names
-        self.dictionaries = {self._name(k): self._new_dictionary(k, sample) for k in owned}
-        params = {name: list(d.parameters()) for name, d in self.dictionaries.items()}
-        self.optimizers = {name: torch.optim.Adam(p, lr=self.lr, fused=True) for name, p in params.items()}
+        # one dictionary per k and candidate rate (two where the rule cannot tell which suits the layer:
+        # same initialisation, same batches; the better is kept when training ends)
+        rates = self.schedule.lr_candidates
+        self.candidates = {(self._name(k) if len(rates) == 1 else f"{self._name(k)}-lr{rate:.3g}"): (self._name(k), rate)
+                           for k in owned for rate in rates}
+        self.dictionaries = {key: self._new_dictionary(self._k_of(name), sample) for key, (name, _) in self.candidates.items()}
+        params = {key: list(d.parameters()) for key, d in self.dictionaries.items()}
+        self.optimizers = {key: torch.optim.Adam(p, lr=self.candidates[key][1], fused=True) for key, p in params.items()}
         self.since_fired = {name: torch.zeros(c.latents, dtype=torch.long) for name in self.dictionaries}
         # data-parallel: every rank reads its own part of each global batch (the batch size is global)
         data = self.ranks if self.parallel == "data" else distributed.SINGLE
@@ -191,6 +197,9 @@ class Trainer:
     def _resolve_schedule(self, *, massive: bool) -> Schedule:
         c = self.config
         return resolve_schedule(c.tokens, c.latents, massive=massive, batch_size=c.batch_size, lr=c.lr, warmup_steps=c.warmup_steps)
+
+    def _k_of(self, name: str) -> int:
+        return next(k for k in self.config.ks() if self._name(k) == name)
 
     def _name(self, k: int) -> str:
         c = self.config
@@ -271,20 +280,20 @@ class Trainer:
             raise InputError(f"b_dec_init={c.b_dec_init!r}: choose mean, median or zero")
 
     # ------------------------------------------------------------ training
-    def lr_at(self, step: int) -> float:
+    def lr_at(self, step: int, rate: float | None = None) -> float:
+        """The learning rate at ``step`` for a dictionary trained at ``rate`` (default: the schedule's)."""
         c = self.config
         warm = min(1.0, (step + 1) / max(1, self.schedule.warmup_steps))
         decay_start = int(self.steps * (1 - c.decay_fraction))
         decay = 1.0 if step < decay_start else max(0.0, (self.steps - step) / max(1, self.steps - decay_start))
-        return self.lr * warm * decay
+        return (rate or self.lr) * warm * decay
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
         batch = self._keep(batch)
         x, y = batch[self.in_site], batch[self.out_site]
-        lr = self.lr_at(self.step)
-        stats = {name: step_dictionary(d, self.optimizers[name], x, y, self.since_fired[name], lr=lr,
-                                       auxk_dead=self.auxk_dead, auxk_coefficient=self.config.auxk_coefficient, reduce=self.reduce)
-                 for name, d in self.dictionaries.items()}
+        stats = {key: step_dictionary(d, self.optimizers[key], x, y, self.since_fired[key], lr=self.lr_at(self.step, self.candidates[key][1]),
+                                      auxk_dead=self.auxk_dead, auxk_coefficient=self.config.auxk_coefficient, reduce=self.reduce)
+                 for key, d in self.dictionaries.items()}
         self.step += 1
         return stats
 
@@ -412,17 +421,38 @@ class Trainer:
             sample = self._keep(self._init_sample())[self.in_site]
             for d in self.dictionaries.values():
                 d.calibrate_threshold(sample)
-        for name, d in self.dictionaries.items():
-            metrics = {"tokens": self.step * self.batch_size, "train_seconds": self.train_seconds,
-                       "dead_fraction": self.dead_fraction(name), **dictionary_metrics(d, self.store, held_out, self.model, contexts)}
+        for name, (key, selection) in self._select().items():
+            d, rate = self.dictionaries[key], self.candidates[key][1]
+            metrics = {"tokens": self.step * self.batch_size, "train_seconds": self.train_seconds, "lr": rate,
+                       **({"lr_selection": selection} if selection else {}),
+                       "dead_fraction": self.dead_fraction(key), **dictionary_metrics(d, self.store, held_out, self.model, contexts)}
             folder = c.out / name
             io.save_dictionary(d, folder, metrics=metrics, store=self.store.location, held_out_rows=list(held_out),
-                               training={"steps": self.step, **self.schedule.as_dict()})
+                               training={"steps": self.step, **self.schedule.as_dict(), "lr": rate})
             if not (c.architecture == "topk" and d.config.is_transcoder):
                 io.export_saelens(d, folder / "saelens")
             write_json(folder / "metrics.json", metrics)
             results[name] = metrics
         return results
+
+    def _select(self) -> dict[str, tuple[str, dict[str, float]]]:
+        """Per dictionary name, the candidate kept (the lowest FVU on ``SELECTION_ROWS`` training rows,
+        fixed by the seed) and every candidate's FVU there ({} where a name has one candidate)."""
+        by_name: dict[str, list[str]] = {}
+        for key, (name, _) in self.candidates.items():
+            by_name.setdefault(name, []).append(key)
+        if all(len(keys) == 1 for keys in by_name.values()):
+            return {name: (keys[0], {}) for name, keys in by_name.items()}
+        rows = init_sample_rows(self.train_rows[1], self.config.seed, SELECTION_ROWS)
+        fvus = {key: rows_fvu(self.dictionaries[key], self.store, rows) for key in self.candidates}
+        chosen = {}
+        for name, keys in by_name.items():
+            best = min(keys, key=fvus.__getitem__)
+            chosen[name] = (best, {f"{self.candidates[key][1]:.6g}": fvus[key] for key in keys})
+            if self.progress:
+                tqdm.write(f"{name}: lr {self.candidates[best][1]:.3g} kept (FVU on {len(rows):,} training rows: "
+                           + ", ".join(f"{self.candidates[key][1]:.3g}: {fvus[key]:.4f}" for key in keys) + ")")
+        return chosen
 
 
 def step_dictionary(d: SparseDictionary, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
