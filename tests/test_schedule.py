@@ -316,3 +316,32 @@ def test_two_candidate_rates_train_in_lockstep_and_the_better_on_training_rows_i
     saved = load_dictionary(tmp_path / "lockstep" / "sae-topk-k2-4096")
     assert torch.equal(saved.W_dec, weights[kept])  # bit for bit the single run at the kept rate
     assert json.loads((tmp_path / "lockstep" / "sae-topk-k2-4096" / "dictionary.json").read_text())["training"]["lr"] == kept
+
+
+def test_an_interrupted_lockstep_run_resumes_both_candidates_exactly(tmp_path):
+    from interp.dictionary import checkpoint, load_dictionary
+
+    store = massive_store(tmp_path, 60, 400)
+    settings = dict(model="none", store=store.root, site="acts", k="2", latents=4096, tokens=8 * 1024, eval_tokens=2048,
+                    eval_contexts=0, checkpoint_every=4)
+    full = next(iter(train(TrainConfig(**settings, out=tmp_path / "full"), progress=False).values()))
+
+    class Stop(Exception):
+        pass
+
+    interrupted = Trainer(TrainConfig(**settings, out=tmp_path / "cut"), progress=False)
+    real_step = interrupted.train_step
+
+    def step_then_die(batch):
+        if interrupted.step == 6:  # a checkpoint at step 4, killed inside step 7
+            raise Stop
+        return real_step(batch)
+
+    interrupted.train_step = step_then_die
+    with pytest.raises(Stop):
+        interrupted.run()
+    assert checkpoint.load(tmp_path / "cut")[1]["step"] == 4
+    resumed = next(iter(train(TrainConfig(**settings, out=tmp_path / "cut", resume=True), progress=False).values()))
+    assert resumed["lr_selection"] == full["lr_selection"] and resumed["lr"] == full["lr"]  # both candidates as uninterrupted
+    a, b = (load_dictionary(tmp_path / run / "sae-topk-k2-4096") for run in ("full", "cut"))
+    assert all(torch.equal(value, b.state_dict()[key]) for key, value in a.state_dict().items())
