@@ -91,10 +91,12 @@ def run_one(model, store: Path, layer: int, tokens: int, variant: str, args) -> 
         return None
     settings, lr = variant_settings(variant, tokens, args.latents, massive_in_training_rows(store, layer, args.eval_tokens,
                                                                                          seed_of(variant)))
-    if done.exists():
-        trained_at = json.loads((out / "config.json").read_text())["resolved"]["lr"]
-        if abs(trained_at - lr) > 1e-9 * lr:
-            raise SystemExit(f"{out} trained at lr {trained_at:.4g}, but {variant!r} gives {lr:.4g} now (the rule changed?): "
+    if done.exists():  # the rates it trained at (a default run on massive rows: two, in lockstep) must be the variant's now
+        resolved = json.loads((out / "config.json").read_text())["resolved"]
+        trained_at = resolved.get("lr_candidates", [resolved["lr"]])
+        now = [lr] if "lr" in settings else variant_candidates(variant, tokens, args, store, layer)
+        if len(trained_at) != len(now) or any(abs(a - b) > 1e-9 * b for a, b in zip(trained_at, now)):
+            raise SystemExit(f"{out} trained at lr {trained_at}, but {variant!r} gives {now} now (the rule changed?): "
                              "move the folder away to train it again")
     else:
         config = TrainConfig(model="smollm2-135m", layer=layer, site="resid_post", k=str(args.k), latents=args.latents,
@@ -108,6 +110,15 @@ def run_one(model, store: Path, layer: int, tokens: int, variant: str, args) -> 
     meta = json.loads((out / "config.json").read_text())["resolved"]
     return {**{k: metrics[k] for k in METRICS}, "lr": metrics.get("lr", meta["lr"]), "batch_size": meta["batch_size"],
             "warmup_steps": meta["warmup_steps"], "steps": meta["steps"], "train_seconds": metrics["train_seconds"]}
+
+
+def variant_candidates(variant: str, tokens: int, args, store: Path, layer: int) -> list[float]:
+    """The rates the trainer gives a variant without an explicit rate (the default: two where massive rows dominate)."""
+    from interp.dictionary.schedule import resolve_schedule
+
+    settings, _ = variant_settings(variant, tokens, args.latents, False)
+    massive = massive_in_training_rows(store, layer, args.eval_tokens, seed_of(variant))
+    return resolve_schedule(tokens, args.latents, massive=massive, batch_size=settings.get("batch_size", 0)).lr_candidates
 
 
 def run_folder(layer: int, budget: str, variant: str) -> Path:

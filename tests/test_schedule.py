@@ -92,14 +92,17 @@ def test_massive_activations_scale_the_rule_rate_only(tokens, steps, factor):
     assert resolve_schedule(tokens, 8192, massive=True, lr=1e-3).lr == 1e-3  # a given rate is kept
 
 
-@pytest.mark.parametrize("tokens, plain_steps", [(200_000, 195), (2_000_000, 976), (10_000_000, 2441), (4096 * 7000, 7000)])
+@pytest.mark.parametrize("tokens, plain_steps", [(200_000, 195), (2_000_000, 976), (10_000_000, 2441), (4096 * 7080, 7080)])
 def test_massive_activations_train_the_rate_and_twice_it_but_never_above_the_plain_rule(tokens, plain_steps):
     s = resolve_schedule(tokens, 8192, massive=True)
     assert s.lr_candidates == [s.lr, pytest.approx(min(2 * s.lr, documented_lr(plain_steps, 8192)), rel=1e-12)]
     assert "train in lockstep" in s.rule["lr"] and f"lr {s.lr:.3g} or {s.lr_candidates[1]:.3g} (rule:" in s.describe()
-    # at 28,000 steps and beyond the plain rule is the long-run rate, the massive rate's floor: one candidate
-    long = resolve_schedule(28_000 * 4096, 8192, massive=True)
-    assert long.lr_candidates == [long.lr] and "lockstep" not in long.rule["lr"]
+    # from 12,445 steps on the plain rule is under 1.5x the long-run floor r (x sqrt(28000/steps)): one candidate
+    for steps in (12_500, 20_000, 28_000):
+        long = resolve_schedule(steps * 4096, 8192, massive=True)
+        assert long.lr_candidates == [long.lr] and "lockstep" not in long.rule["lr"]
+    assert resolve_schedule(7080 * 4096, 8192, massive=True).lr_candidates[1] < 2 * resolve_schedule(7080 * 4096, 8192, massive=True).lr
+    assert resolve_schedule(tokens, 8192, massive=True, two_rates=False).lr_candidates == [s.lr]  # L1 / L0 architectures
     assert resolve_schedule(tokens, 8192).lr_candidates == [resolve_schedule(tokens, 8192).lr]  # without massive rows
     assert resolve_schedule(tokens, 8192, massive=True, lr=1e-3).lr_candidates == [1e-3]  # a given rate
 
@@ -284,38 +287,57 @@ def test_short_budget_variants_name_the_rates_they_train_at():
         module.variant_settings("best", 200_000, 8192, massive=False)
 
 
-def test_two_candidate_rates_train_in_lockstep_and_the_better_on_training_rows_is_kept(tmp_path, capsys):
-    """Each candidate trains exactly as a run given its rate would; the one kept has the lower FVU,
-    computed here with plain torch on the training rows, and is what the run saves."""
+@pytest.mark.parametrize("architecture, ks", [("topk", "2,3"), ("batchtopk", "2")])
+def test_two_candidate_rates_train_in_lockstep_and_the_better_on_training_rows_is_kept(tmp_path, capsys, monkeypatch,
+                                                                                      architecture, ks):
+    """Each candidate trains exactly as a run given its rate would; per k, the one kept has the lower FVU,
+    computed here with plain torch on the selection rows (4,096 training rows drawn by the seed), and is what
+    the run saves (BatchTopK: with its inference threshold set before the choice)."""
     from interp.dictionary import load_dictionary
 
+    import sys
+
+    monkeypatch.setattr(sys.modules["interp.dictionary.train"], "SELECTION_ROWS", 4096)  # (the package's ``train`` is the function)
     store = massive_store(tmp_path, 60, 400)
-    common = dict(model="none", store=store.root, site="acts", k="2", latents=4096, tokens=8 * 1024, eval_tokens=2048,
-                  eval_contexts=0, checkpoint_every=10**9)
+    common = dict(model="none", store=store.root, site="acts", architecture=architecture, k=ks, latents=4096, tokens=8 * 1024,
+                  eval_tokens=2048, eval_contexts=0, checkpoint_every=10**9, seed=3)
     lockstep = TrainConfig(**common, out=tmp_path / "lockstep")
     trainer = Trainer(lockstep, progress=False)
     rates = trainer.schedule.lr_candidates
-    assert len(rates) == 2 and rates[1] == pytest.approx(2 * rates[0], rel=1e-12) and len(trainer.dictionaries) == 2
-    metrics = next(iter(train(lockstep, progress=True).values()))
-    assert "lr kept (FVU on 9,952 training rows" in capsys.readouterr().out.replace(f"lr {metrics['lr']:.3g} kept", "lr kept")
+    assert len(rates) == 2 and rates[1] == pytest.approx(2 * rates[0], rel=1e-12)
+    assert len(trainer.dictionaries) == 2 * len(ks.split(","))
+    results = train(lockstep, progress=True)
+    assert capsys.readouterr().out.count("kept (FVU on 4,096 training rows") == len(results)
 
-    x = torch.from_numpy(np.asarray(store.read("acts", np.arange(9952)))).double()  # every training row (fewer than 65,536)
+    rows = np.sort(np.random.default_rng(3).choice(9952, 4096, replace=False))  # the README's rows: drawn by the seed
+    x = torch.from_numpy(np.asarray(store.read("acts", rows))).double()
     fvu, weights = {}, {}
     for rate in rates:
         single = TrainConfig(**common, lr=rate, out=tmp_path / f"lr{rate:.3g}")
-        train(single, progress=False)
-        d = load_dictionary(single.out / "sae-topk-k2-4096")
-        with torch.no_grad():
-            error = (x - d.decode(d.encode(x.float())).double()).pow(2).sum()
-        fvu[rate] = float(error / (x - x.mean(0)).pow(2).sum())
-        weights[rate] = d.W_dec.detach().clone()
-    assert fvu[rates[0]] != pytest.approx(fvu[rates[1]], rel=1e-3)  # the two rates really differ here
-    kept = min(rates, key=fvu.__getitem__)
-    assert metrics["lr"] == kept
-    assert metrics["lr_selection"] == {f"{r:.6g}": pytest.approx(fvu[r], rel=1e-6) for r in rates}
-    saved = load_dictionary(tmp_path / "lockstep" / "sae-topk-k2-4096")
-    assert torch.equal(saved.W_dec, weights[kept])  # bit for bit the single run at the kept rate
-    assert json.loads((tmp_path / "lockstep" / "sae-topk-k2-4096" / "dictionary.json").read_text())["training"]["lr"] == kept
+        for name in train(single, progress=False):
+            d = load_dictionary(single.out / name).eval()  # BatchTopK: the inference threshold
+            with torch.no_grad():
+                error = (x - d.decode(d.encode(x.float())).double()).pow(2).sum()
+            fvu[name, rate] = float(error / (x - x.mean(0)).pow(2).sum())
+            weights[name, rate] = d.W_dec.detach().clone()
+    for name, metrics in results.items():
+        assert fvu[name, rates[0]] != pytest.approx(fvu[name, rates[1]], rel=1e-3)  # the two rates really differ here
+        kept = min(rates, key=lambda rate: fvu[name, rate])
+        assert metrics["lr"] == kept
+        assert metrics["lr_selection"] == {f"{r:.6g}": pytest.approx(fvu[name, r], rel=1e-6) for r in rates}
+        saved = load_dictionary(tmp_path / "lockstep" / name)
+        assert torch.equal(saved.W_dec, weights[name, kept])  # bit for bit the single run at the kept rate
+        assert json.loads((tmp_path / "lockstep" / name / "dictionary.json").read_text())["training"]["lr"] == kept
+
+
+def test_l1_dictionaries_keep_one_rate_on_massive_rows(tmp_path):
+    """A ReLU (L1) dictionary's sparsity depends on the rate, so the FVU alone cannot choose: one candidate."""
+    store = massive_store(tmp_path, 60, 400)
+    config = TrainConfig(model="none", store=store.root, site="acts", architecture="relu", latents=4096, tokens=8192,
+                         eval_tokens=2048, eval_contexts=0, out=tmp_path / "run")
+    trainer = Trainer(config, progress=False)
+    assert trainer.schedule.lr_candidates == [trainer.lr] and len(trainer.dictionaries) == 1
+    assert trainer.lr == pytest.approx(documented_lr(8, 4096) * 0.5, rel=1e-9) and "lockstep" not in trainer.schedule.rule["lr"]
 
 
 def test_an_interrupted_lockstep_run_resumes_both_candidates_exactly(tmp_path):

@@ -4,7 +4,9 @@
     python experiments/bench/bench_sae_quality.py --store STORE [--tokens 2M] [--latents 8192] [--k 32]
 
 Both train a TopK SAE on the same training rows, in the same shuffled order, with the same
-batch size, Adam learning rate and schedule (interp's: warm-up then linear decay). Each keeps its
+batch size, Adam learning rate and schedule (interp's: warm-up then linear decay; where massive activations
+make interp train two rates in lockstep, sparsify trains at the one interp kept, and interp's train seconds
+cover both). Each keeps its
 own design otherwise: interp normalises inputs, starts b_dec at the data mean and uses AuxK on
 latents dead for tokens/8; sparsify (its SparseCoder forward, AuxK mask after its default 10M
 tokens, decoder renormalisation and gradient projection) starts b_dec at zero. Both are evaluated
@@ -23,12 +25,12 @@ warnings.filterwarnings("ignore")
 RESULTS = Path(__file__).resolve().parents[2] / "runs" / "bench"
 
 
-def sparsify_run(trainer, k: int) -> dict:
+def sparsify_run(trainer, k: int, rate: float) -> dict:
     """sparsify trained on exactly the batches interp's trainer reads, scored on the held-out rows."""
     from interp.dictionary.metrics import reconstruction_metrics
     from interp.experiments.sparsify_baseline import train_sparsify
 
-    dictionary, stats = train_sparsify(trainer, k)
+    dictionary, stats = train_sparsify(trainer, k, rate)
     metrics = reconstruction_metrics(dictionary, trainer.store, (trainer.train_rows[1], trainer.store.n_rows))
     return {**metrics, **stats}
 
@@ -54,7 +56,7 @@ def main() -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
     trainer = Trainer(config)
     ours = next(iter(trainer.run().values()))
-    theirs = sparsify_run(trainer, args.k)
+    theirs = sparsify_run(trainer, args.k, ours["lr"])
     print(f"\nTopK SAE, {args.site}, {args.latents} latents, k={args.k}, {trainer.steps * config.batch_size:,} tokens; "
           f"held-out rows {trainer.store.n_rows - trainer.train_rows[1]:,}")
     print(f"{'':12s}{'FVU':>10s}{'FVU inliers':>13s}{'dead':>10s}{'L0':>8s}{'train s':>10s}")

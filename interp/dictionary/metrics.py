@@ -203,6 +203,6 @@ def metrics_table(results: dict[str, dict[str, Any]]) -> str:
         row = f"{key:22s}"
         for name in names:
             value = results[name].get(key, float("nan"))
-            row += f"{value:>{width + 2},}" if isinstance(value, int) else f"{value:>{width + 2}.4f}"
+            row += f"{value:>{width + 2},}" if isinstance(value, int) else f"{value:>{width + 2}{'.3g' if key == 'lr' else '.4f'}}"
         lines.append(row)
     return "\n".join(lines)

@@ -64,6 +64,7 @@ MASSIVE_REF_STEPS = 195  # 200k tokens at batch 1024, where the factor was chose
 MASSIVE_FALL = 0.3  # ... as steps^-0.3 (the rate as steps^-0.8); chosen on development layers 11, 13 and 15 at 2M
 MASSIVE_SHARE = 0.25  # massive rows matter when they hold this much of the variance (layer 3: 8-10%; 11, 13, 15: 72-86%)
 MASSIVE_SAMPLE_ROWS = 2**17  # training rows the test reads: massive rows are about 3 in 10,000 (SmolLM2 layer 12)
+SECOND_RATE_MIN_RATIO = 1.5  # a second candidate only where it is this much above r (not for a rate 1% higher)
 SELECTION_ROWS = 2**16  # training rows on which the better of two candidate rates is chosen (about 20 massive rows at layer 12)
 
 
@@ -122,10 +123,12 @@ def massive_share_in(read: Callable[[np.ndarray], torch.Tensor], rows: np.ndarra
 
 
 def resolve_schedule(tokens: int, latents: int, *, massive: bool = False, batch_size: int = 0, lr: float = 0.0,
-                     warmup_steps: int = -1) -> Schedule:
+                     warmup_steps: int = -1, two_rates: bool = True) -> Schedule:
     """The schedule for ``tokens`` training tokens and ``latents`` latents (``massive``: the
     training rows include massive activations: ``massive_share_in`` >= ``MASSIVE_SHARE``); explicit settings
-    (``batch_size`` > 0, ``lr`` > 0, ``warmup_steps`` >= 0) override the rule."""
+    (``batch_size`` > 0, ``lr`` > 0, ``warmup_steps`` >= 0) override the rule. ``two_rates``: with massive
+    activations, a second candidate rate may train beside the rule's (TopK and BatchTopK: their sparsity does
+    not depend on the rate, so the FVU alone can choose)."""
     if batch_size < 0 or lr < 0 or warmup_steps < -1:
         raise InputError(f"batch_size={batch_size}, lr={lr}, warmup_steps={warmup_steps}: give positive values "
                          "(0 for batch_size and lr, -1 for warmup_steps: choose by the rule)")
@@ -149,13 +152,14 @@ def resolve_schedule(tokens: int, latents: int, *, massive: bool = False, batch_
             floored = lr * factor < floor
             lr = max(floor, lr * factor)
             # which of r and 2r suits a layer differs from layer to layer (README, "Short budgets"): train both
-            candidates = sorted({lr, min(2 * lr, plain)})
+            second = min(2 * lr, plain)
+            candidates = [lr, second] if two_rates and second >= SECOND_RATE_MIN_RATIO * lr else [lr]
             rule["lr"] += (f", x {MASSIVE_LR_FACTOR:g}*min(1, {MASSIVE_REF_STEPS}/steps)^{MASSIVE_FALL:g} = {factor:.3g} but not below "
                            f"the long-run rate{' (the long-run rate here)' if floored else ''} (massive activations: rows above "
                            f"{OUTLIER_FACTOR:g}x the median norm hold {MASSIVE_SHARE:.0%}+ of the variance)")
             if len(candidates) > 1:
-                rule["lr"] += (f"; it and twice it (at most the rule's rate) train in lockstep, the one with the lower FVU on "
-                               f"{SELECTION_ROWS:,} training rows is kept")
+                rule["lr"] += (f"; it and twice it (at most the plain rate: {second:.3g}) train in lockstep, the one with the "
+                               f"lower FVU on {SELECTION_ROWS:,} training rows is kept")
     if warmup_steps >= 0:
         rule["warmup_steps"] = "given"
     else:

@@ -178,9 +178,9 @@ class Trainer:
         # one dictionary per k and candidate rate (two where the rule cannot tell which suits the layer:
         # same initialisation, same batches; the better is kept when training ends)
         rates = self.schedule.lr_candidates
-        self.candidates = {(self._name(k) if len(rates) == 1 else f"{self._name(k)}-lr{rate:.3g}"): (self._name(k), rate)
-                           for k in owned for rate in rates}
-        self.dictionaries = {key: self._new_dictionary(self._k_of(name), sample) for key, (name, _) in self.candidates.items()}
+        self.candidates = {(self._name(k) if len(rates) == 1 else f"{self._name(k)}-lr{j}"): (self._name(k), rate, k)
+                           for k in owned for j, rate in enumerate(rates)}
+        self.dictionaries = {key: self._new_dictionary(k, sample) for key, (_, _, k) in self.candidates.items()}
         params = {key: list(d.parameters()) for key, d in self.dictionaries.items()}
         self.optimizers = {key: torch.optim.Adam(p, lr=self.candidates[key][1], fused=True) for key, p in params.items()}
         self.since_fired = {name: torch.zeros(c.latents, dtype=torch.long) for name in self.dictionaries}
@@ -196,10 +196,8 @@ class Trainer:
     # ------------------------------------------------------------ set-up
     def _resolve_schedule(self, *, massive: bool) -> Schedule:
         c = self.config
-        return resolve_schedule(c.tokens, c.latents, massive=massive, batch_size=c.batch_size, lr=c.lr, warmup_steps=c.warmup_steps)
-
-    def _k_of(self, name: str) -> int:
-        return next(k for k in self.config.ks() if self._name(k) == name)
+        return resolve_schedule(c.tokens, c.latents, massive=massive, batch_size=c.batch_size, lr=c.lr, warmup_steps=c.warmup_steps,
+                                two_rates=c.architecture in ("topk", "batchtopk"))
 
     def _name(self, k: int) -> str:
         c = self.config
@@ -368,6 +366,7 @@ class Trainer:
             tensors[name]["since_fired"] = self.since_fired[name]
         state = {"step": self.step, "loader": self.loader.state_dict(), "history": history,
                  "config": config_dict(self.config), "d_in": self.store.d(self.in_site), "lr": self.lr,
+                 "lr_candidates": self.schedule.lr_candidates,
                  "parallel": self.parallel, "world_size": self.ranks.world_size}
         checkpoint.save(self.config.out, self.step, tensors, state, ranks=writers)
 
@@ -381,10 +380,11 @@ class Trainer:
         differ = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
         if differ:
             raise InputError(f"--resume: the settings differ from the checkpoint's: {differ}")
-        saved_lr = state.get("lr", self.lr)
-        if abs(saved_lr - self.lr) > 1e-9 * saved_lr:  # same settings, another schedule rule (another interp version)
-            raise InputError(f"--resume: the checkpoint trained at lr {saved_lr:.4g}, this version's schedule rule gives "
-                             f"{self.lr:.4g}; pass --lr {saved_lr:.6g} to continue it as it was")
+        saved, now = state.get("lr_candidates", [state.get("lr", self.lr)]), self.schedule.lr_candidates
+        if len(saved) != len(now) or any(abs(a - b) > 1e-9 * a for a, b in zip(saved, now)):  # another interp version's rule
+            raise InputError(f"--resume: the checkpoint trained at lr {' and '.join(f'{r:.4g}' for r in saved)}, this version's "
+                             f"schedule rule gives {' and '.join(f'{r:.4g}' for r in now)}: continue it with the interp version "
+                             "that started it, or start a new run in another --out")
         for name, d in self.dictionaries.items():
             tensors = checkpoint.load_tensors(folder, name)
             d.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -439,7 +439,7 @@ class Trainer:
         """Per dictionary name, the candidate kept (the lowest FVU on ``SELECTION_ROWS`` training rows,
         fixed by the seed) and every candidate's FVU there ({} where a name has one candidate)."""
         by_name: dict[str, list[str]] = {}
-        for key, (name, _) in self.candidates.items():
+        for key, (name, _, _) in self.candidates.items():
             by_name.setdefault(name, []).append(key)
         if all(len(keys) == 1 for keys in by_name.values()):
             return {name: (keys[0], {}) for name, keys in by_name.items()}

@@ -66,6 +66,7 @@ def run(params: SaeParetoParams, results: Results) -> dict[str, Any]:
             trainer.load_checkpoint()
         ours = trainer.run()
     table = [{"method": "interp", "k": k, **_pick(ours[name])} for k, name in zip(params.ks, ours, strict=True)]
+    kept_lr = {k: ours[name].get("lr") for k, name in zip(params.ks, ours, strict=True)}  # sparsify trains at interp's rate
 
     theirs: dict[str, Any] = {}
     skipped = _sparsify_problem(params)
@@ -76,12 +77,12 @@ def run(params: SaeParetoParams, results: Results) -> dict[str, Any]:
         contexts = held_out_contexts(trainer.store, held_out, params.eval_contexts, trainer.model.tokenizer)
         for k in params.ks:
             path = results.path("sparsify", f"k{k}.json")
-            piece = {**settings, "auxk_dead": trainer.auxk_dead}  # what a sparsify run depends on
+            piece = {**settings, "auxk_dead": trainer.auxk_dead, "lr": kept_lr[k]}  # what a sparsify run depends on
             cached = json.loads(path.read_text()) if path.exists() else {}
             if cached.get("settings") == piece:
                 theirs[str(k)] = cached
             else:  # not run yet, or run with other settings: (re)train
-                dictionary, stats = train_sparsify(trainer, k)
+                dictionary, stats = train_sparsify(trainer, k, kept_lr[k])
                 theirs[str(k)] = {**stats, **dictionary_metrics(dictionary, trainer.store, held_out, trainer.model, contexts),
                                   "settings": piece}
                 results.write_json(f"sparsify/k{k}.json", theirs[str(k)])

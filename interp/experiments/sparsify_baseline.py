@@ -34,14 +34,15 @@ def _cpu_decoder() -> None:
     os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "0" if torch.cuda.is_available() else "1")
 
 
-def train_sparsify(trainer: Any, k: int) -> tuple[SparseDictionary, dict[str, float]]:
-    """A sparsify SparseCoder with ``k`` trained on ``trainer``'s batches; (dictionary, training stats)."""
+def train_sparsify(trainer: Any, k: int, rate: float | None = None) -> tuple[SparseDictionary, dict[str, float]]:
+    """A sparsify SparseCoder with ``k`` trained on ``trainer``'s batches and schedule at ``rate`` (default the
+    schedule's; give the rate interp kept where it trained two); (dictionary, training stats)."""
     _cpu_decoder()
     from sparsify import SparseCoder, SparseCoderConfig
 
     store, c = trainer.store, trainer.config
     sae = SparseCoder(store.d(trainer.in_site), SparseCoderConfig(num_latents=c.latents, k=k))
-    opt = torch.optim.Adam(sae.parameters(), lr=trainer.lr)
+    opt = torch.optim.Adam(sae.parameters(), lr=rate or trainer.lr)
     since = torch.zeros(c.latents, dtype=torch.long)
     loader = store.batches(trainer.in_site, trainer.batch_size, shuffle=True, seed=c.seed, rows=trainer.train_rows, drop_last=True)
     batches = iter(loader)
@@ -53,7 +54,7 @@ def train_sparsify(trainer: Any, k: int) -> tuple[SparseDictionary, dict[str, fl
             batches = iter(loader)
             x = next(batches)
         for group in opt.param_groups:
-            group["lr"] = trainer.lr_at(step)
+            group["lr"] = trainer.lr_at(step, rate)
         sae.set_decoder_norm_to_unit_norm()
         out = sae(x, dead_mask=since >= trainer.auxk_dead)  # interp's AuxK threshold, not sparsify's fixed 10M
         (out.fvu + out.auxk_loss / 32).backward()
