@@ -64,8 +64,8 @@ class TrainConfig:
     out: Path = opt(Path("runs/sae"), "output folder")
     batch_size: int = opt(0, "tokens per step; 0 = chosen from --tokens (the short-budget rule, see the README)")
     lr: float = opt(0.0, "Adam learning rate; 0 = chosen from --tokens and --latents, lowered where massive activations "
-                                 "dominate the training rows, and there that rate and twice it trained in lockstep, the "
-                                 "better on training rows kept (the short-budget rule)")
+                                 "dominate the training rows, and there (TopK, BatchTopK) that rate and twice it (at most the "
+                                 "plain rule's) trained in lockstep, the better on training rows kept (the short-budget rule)")
     warmup_steps: int = opt(-1, "linear learning-rate warm-up, in steps; -1 = chosen from the number of steps")
     decay_fraction: float = opt(0.2, "fraction of steps at the end with linear decay to 0")
     auxk_coefficient: float = opt(1 / 32, "weight of the AuxK loss (topk / batchtopk)")
