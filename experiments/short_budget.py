@@ -137,15 +137,17 @@ def describe_selection(store_path: Path, layer: int, budget: str, seeds: list[in
     store = ActivationStore(store_path)
     for seed in seeds:
         rows = init_sample_rows(store.n_rows - eval_tokens, seed, SELECTION_ROWS)
-        found = {}
+        runs = {}  # name: (dictionary, held-out FVU)
         for name in ("rule*1", "rule*2"):
             folder = run_folder(layer, budget, name + (f",seed={seed}" if seed else ""))
             if (folder / "metrics.json").exists():
                 dictionary_name, metrics = next(iter(json.loads((folder / "metrics.json").read_text()).items()))
-                found[name] = (rows_fvu(load_dictionary(folder / dictionary_name), store, rows), metrics["fvu"])
-        if len(found) < 2:
+                runs[name] = (load_dictionary(folder / dictionary_name), metrics["fvu"])
+        if len(runs) < 2:
             print(f"- layer {layer}, {budget}, seed {seed}: rule*1 and rule*2 not both run")
             continue
+        trained = rows_fvu([d for d, _ in runs.values()], store, rows)
+        found = {name: (fvu, held_out) for (name, (_, held_out)), fvu in zip(runs.items(), trained)}
         kept = min(found, key=lambda name: found[name][0])
         print(f"- layer {layer}, {budget}, seed {seed}: FVU on {len(rows):,} training rows "
               + ", ".join(f"{name} {train:.4f}" for name, (train, _) in found.items()) + f", so the default keeps {kept}; held-out FVU "

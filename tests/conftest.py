@@ -35,3 +35,25 @@ def corpus_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "text.txt"
     path.write_text(" ".join(rng.choice(words, size=60_000)))
     return path
+
+
+@pytest.fixture
+def run_until_killed():
+    """``run(trainer, step)``: run a ``Trainer`` and stop it inside the step after ``step``, as a kill would."""
+
+    class Killed(Exception):
+        pass
+
+    def run(trainer, step: int) -> None:
+        real_step = trainer.train_step
+
+        def step_then_die(batch):
+            if trainer.step == step:
+                raise Killed
+            return real_step(batch)
+
+        trainer.train_step = step_then_die
+        with pytest.raises(Killed):
+            trainer.run()
+
+    return run

@@ -365,23 +365,9 @@ def synthetic_config(store, out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, synthetic_store):
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, synthetic_store, run_until_killed):
     full = train(synthetic_config(synthetic_store, tmp_path / "full"), progress=False)
-
-    class Stop(Exception):
-        pass
-
-    interrupted = Trainer(synthetic_config(synthetic_store, tmp_path / "cut"), progress=False)
-    real_step = interrupted.train_step
-
-    def step_then_die(batch):
-        if interrupted.step == 13:  # checkpoints at 6 and 12; killed inside step 14
-            raise Stop
-        return real_step(batch)
-
-    interrupted.train_step = step_then_die
-    with pytest.raises(Stop):
-        interrupted.run()
+    run_until_killed(Trainer(synthetic_config(synthetic_store, tmp_path / "cut"), progress=False), 13)  # checkpoints at 6, 12
     assert checkpoint.load(tmp_path / "cut")[1]["step"] == 12
     with pytest.raises(InputError, match="--resume"):
         train(synthetic_config(synthetic_store, tmp_path / "cut"), progress=False)

@@ -340,28 +340,14 @@ def test_l1_dictionaries_keep_one_rate_on_massive_rows(tmp_path):
     assert trainer.lr == pytest.approx(documented_lr(8, 4096) * 0.5, rel=1e-9) and "lockstep" not in trainer.schedule.rule["lr"]
 
 
-def test_an_interrupted_lockstep_run_resumes_both_candidates_exactly(tmp_path):
+def test_an_interrupted_lockstep_run_resumes_both_candidates_exactly(tmp_path, run_until_killed):
     from interp.dictionary import checkpoint, load_dictionary
 
     store = massive_store(tmp_path, 60, 400)
     settings = dict(model="none", store=store.root, site="acts", k="2", latents=4096, tokens=8 * 1024, eval_tokens=2048,
                     eval_contexts=0, checkpoint_every=4)
     full = next(iter(train(TrainConfig(**settings, out=tmp_path / "full"), progress=False).values()))
-
-    class Stop(Exception):
-        pass
-
-    interrupted = Trainer(TrainConfig(**settings, out=tmp_path / "cut"), progress=False)
-    real_step = interrupted.train_step
-
-    def step_then_die(batch):
-        if interrupted.step == 6:  # a checkpoint at step 4, killed inside step 7
-            raise Stop
-        return real_step(batch)
-
-    interrupted.train_step = step_then_die
-    with pytest.raises(Stop):
-        interrupted.run()
+    run_until_killed(Trainer(TrainConfig(**settings, out=tmp_path / "cut"), progress=False), 6)  # a checkpoint at step 4
     assert checkpoint.load(tmp_path / "cut")[1]["step"] == 4
     resumed = next(iter(train(TrainConfig(**settings, out=tmp_path / "cut", resume=True), progress=False).values()))
     assert resumed["lr_selection"] == full["lr_selection"] and resumed["lr"] == full["lr"]  # both candidates as uninterrupted

@@ -93,18 +93,24 @@ MEDIAN_ROWS = 4096  # rows whose median norm sets the outlier threshold (whateve
 
 
 @torch.no_grad()
-def rows_fvu(dictionary: SparseDictionary, store: ActivationStore, rows: np.ndarray, *, batch_size: int = 4096) -> float:
-    """The FVU of ``dictionary`` over the store rows ``rows`` (sorted indices), read ``batch_size`` at a time."""
-    c = dictionary.config
+def rows_fvu(dictionaries: list[SparseDictionary], store: ActivationStore, rows: np.ndarray, *,
+             batch_size: int = 4096) -> list[float]:
+    """The FVU of each of ``dictionaries`` (of the same sites) over the store rows ``rows`` (sorted
+    indices), read once, ``batch_size`` at a time."""
+    c = dictionaries[0].config
     in_site, out_site = c.input_site, c.output_site or c.input_site
-    sums = _VarianceSums()
-    dictionary.eval()
+    if any((d.config.input_site, d.config.output_site or d.config.input_site) != (in_site, out_site) for d in dictionaries):
+        raise InputError("rows_fvu: the dictionaries read different sites")
+    sums = [_VarianceSums() for _ in dictionaries]
+    for d in dictionaries:
+        d.eval()
     for start in range(0, len(rows), batch_size):
         part = rows[start:start + batch_size]
         x = store.read(in_site, part)
         y = x if out_site == in_site else store.read(out_site, part)
-        sums.add(y, dictionary.decode(dictionary.encode(x)))
-    return sums.fvu()
+        for d, total in zip(dictionaries, sums):
+            total.add(y, d.decode(d.encode(x)))
+    return [total.fvu() for total in sums]
 
 
 class _VarianceSums:

@@ -444,7 +444,7 @@ class Trainer:
         if all(len(keys) == 1 for keys in by_name.values()):
             return {name: (keys[0], {}) for name, keys in by_name.items()}
         rows = init_sample_rows(self.train_rows[1], self.config.seed, SELECTION_ROWS)
-        fvus = {key: rows_fvu(self.dictionaries[key], self.store, rows) for key in self.candidates}
+        fvus = dict(zip(self.candidates, rows_fvu([self.dictionaries[key] for key in self.candidates], self.store, rows)))
         chosen = {}
         for name, keys in by_name.items():
             best = min(keys, key=fvus.__getitem__)
